@@ -1,0 +1,144 @@
+"""The `maxlm` command. Subcommands parse, load the config, call into the package and print; nothing else.
+
+User mistakes surface as ConfigError: one line on stderr, exit code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Callable
+
+from maxlm.config import ConfigError, config_to_yaml, load_config, resolve_config_path
+
+
+def _force_cpu_devices(n: int) -> None:
+    """Fake CPU devices (for the 8-device CPU mesh) must be requested before jax initialises its backend."""
+    if n > 0 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}"
+
+
+def _load(args: argparse.Namespace):
+    return load_config(resolve_config_path(args.config), args.overrides)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    print(config_to_yaml(_load(args)), end="")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    import jax
+
+    from maxlm.inspect_params import format_table, inspect_config
+
+    report = inspect_config(cfg, args.devices or jax.device_count())
+    print(json.dumps(report, indent=1) if args.json else format_table(report))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from maxlm.train.loop import train
+
+    summary = train(cfg, progress=not args.no_progress)
+    print(f"trained {summary['steps']} steps: first loss {summary['first_loss']:.4f}, last loss "
+          f"{summary['last_loss']:.4f}; metrics in {os.path.join(cfg.run_dir, 'metrics.jsonl')}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from maxlm.bench import bench
+
+    result = bench(cfg, args.steps, warmup=args.warmup)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k:>22}: {v}")
+    return 0
+
+
+def cmd_tokenizer(args: argparse.Namespace) -> int:
+    from maxlm.data.tokenizer import train_tokenizer
+
+    path = train_tokenizer(args.input, args.vocab_size, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from maxlm.demo import run_demo
+
+    return run_demo(args.overrides, progress=not args.no_progress)
+
+
+def cmd_plan(argv: list[str]) -> int:
+    from maxlm.plan.cli import main as plan_main
+
+    return plan_main(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="maxlm", description="Train LLMs end to end in JAX/Flax.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(name: str, fn: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help)
+        sp.add_argument("config", help="YAML path or preset name (e.g. tiny, demo, llama3-8b)")
+        sp.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=100")
+        sp.set_defaults(fn=fn)
+        return sp
+
+    with_config("config", cmd_config, "print the resolved config")
+    sp = with_config("inspect", cmd_inspect, "parameter shapes, logical axes, shardings and bytes per device")
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--devices", type=int, default=0, help="device count to plan for (default: the visible ones)")
+    sp = with_config("train", cmd_train, "train a model (resumes from run_dir when it holds checkpoints)")
+    sp.add_argument("--no-progress", action="store_true")
+    sp = with_config("bench", cmd_bench, "time the train step: tokens/s, TFLOP/s, MFU, peak memory")
+    sp.add_argument("--steps", type=int, default=10)
+    sp.add_argument("--warmup", type=int, default=2)
+    sp.add_argument("--json", action="store_true")
+
+    tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="tok_command", required=True)
+    tt = tok.add_parser("train", help="train a sentencepiece BPE tokenizer")
+    tt.add_argument("--input", required=True, help="glob(s) of text files, comma-separated")
+    tt.add_argument("--vocab-size", type=int, required=True)
+    tt.add_argument("--out", required=True, help="output .model path")
+    tt.set_defaults(fn=cmd_tokenizer)
+
+    demo = sub.add_parser("demo", help="the `make run` job: tokenizer + pretraining on the Python stdlib, then "
+                                       "a greedy continuation")
+    demo.add_argument("overrides", nargs="*")
+    demo.add_argument("--no-progress", action="store_true")
+    demo.set_defaults(fn=cmd_demo)
+    sub.add_parser("plan", help="scaling planner: compute budget -> config (see `maxlm plan --help`)", add_help=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _force_cpu_devices(int(os.environ.get("MAXLM_CPU_DEVICES", "8")))
+    try:
+        if argv and argv[0] == "plan":
+            return cmd_plan(argv[1:])
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        bad = [a for a in extra if "=" not in a or a.startswith("-")]
+        if bad:
+            parser.error(f"unrecognized arguments: {' '.join(bad)}")
+        if extra:  # key=value overrides given after an option flag
+            args.overrides = list(getattr(args, "overrides", [])) + extra
+        return args.fn(args)
+    except ConfigError as e:
+        print(f"maxlm: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Building blocks of the decoder: parameters with logical axes, RMSNorm, RoPE, the embedding.
+
+Every parameter is created through `param` so it carries logical axis names; which mesh axes those map to is
+decided only by the rules table in the config (`mesh.rules`), never here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from maxlm.config import ModelConfig
+
+Names = tuple[str | None, ...]
+Initializer = Callable[..., jax.Array]
+
+
+def param(module: nn.Module, name: str, init: Initializer, shape: tuple[int, ...], names: Names,
+          dtype: Any) -> jax.Array:
+    """Declares a parameter tagged with logical axis names (one per dimension)."""
+    assert len(shape) == len(names), (name, shape, names)
+    return module.param(name, nn.with_logical_partitioning(init, names), shape, dtype)
+
+
+def constrain(x: jax.Array, names: Names) -> jax.Array:
+    """Pins an activation's sharding by logical names; a no-op outside a mesh + rules context."""
+    return nn.with_logical_constraint(x, names)
+
+
+def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
+    """`auto` is bfloat16 on accelerators and float32 on CPU (CPU bf16 matmuls are slow and only emulated)."""
+    if cfg.dtype == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    return jnp.dtype(cfg.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm (Zhang & Sennrich 2019): x / sqrt(mean(x^2) + eps) * scale, always computed in float32."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale_D = param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("norm",), jnp.dtype(self.cfg.param_dtype))
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
+        return (x32 * scale_D.astype(jnp.float32)).astype(x.dtype)
+
+
+def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding (Su et al. 2021), rotate-half layout as in Hugging Face Llama.
+
+    Pair (x_i, x_{i+H/2}) is rotated by angle pos * theta^(-2i/H). Positions come from the batch, so packed
+    documents each start at position 0 and a document's encoding does not depend on its neighbours.
+    """
+    H = x_BTNH.shape[-1]
+    inv_freq_K = theta ** (-jnp.arange(0, H, 2, dtype=jnp.float32) / H)  # K = H/2 frequencies
+    angles_BTK = positions_BT.astype(jnp.float32)[..., None] * inv_freq_K
+    cos_BT1K = jnp.cos(angles_BTK)[:, :, None, :]
+    sin_BT1K = jnp.sin(angles_BTK)[:, :, None, :]
+    x32 = x_BTNH.astype(jnp.float32)
+    x1, x2 = x32[..., : H // 2], x32[..., H // 2 :]
+    out = jnp.concatenate([x1 * cos_BT1K - x2 * sin_BT1K, x2 * cos_BT1K + x1 * sin_BT1K], axis=-1)
+    return out.astype(x_BTNH.dtype)
+
+
+class Embed(nn.Module):
+    """Token embedding; `attend` reuses the table as the LM head when embeddings are tied."""
+
+    cfg: ModelConfig
+
+    def setup(self) -> None:
+        c = self.cfg
+        self.embedding = param(self, "embedding", nn.initializers.normal(c.init_std), (c.vocab_size, c.d_model),
+                               ("vocab", "embed"), jnp.dtype(c.param_dtype))
+
+    def __call__(self, ids_BT: jax.Array) -> jax.Array:
+        dtype = compute_dtype(self.cfg)
+        # Gather from a replicated copy, like every FSDP weight is all-gathered before use: a gather from a
+        # vocab/embed-sharded table would come out sharded on D and need an all-to-all to reach batch sharding.
+        table_VD = constrain(self.embedding.astype(dtype), (None, None))
+        x_BTD = jnp.take(table_VD, ids_BT, axis=0)
+        return constrain(x_BTD, ("act_batch", "act_length", "act_embed"))
+
+    def attend(self, x_BTD: jax.Array) -> jax.Array:
+        table_VD = self.embedding.astype(x_BTD.dtype)
+        return jnp.einsum("btd,vd->btv", x_BTD, table_VD, preferred_element_type=jnp.float32)

@@ -1,0 +1,1 @@
+"""Training: optimizer and schedules, losses, the jitted step and the loop."""

@@ -1,0 +1,90 @@
+"""The one jitted train step, for every objective: grads of a pluggable loss, accumulation, the optimizer.
+
+Gradient accumulation splits the global batch into `grad_accum` microbatches and scans over them. Row r of the
+global batch goes to microbatch r % k, so every device holds rows of every microbatch (splitting the batch into
+contiguous blocks would put a whole microbatch on a fraction of the devices). Each loss is a mean over its own
+weighted units and reports their count as metrics["weight"]; the step combines microbatches as
+sum_i w_i * loss_i / sum_i w_i (and the same for gradients), which equals the loss of the whole batch at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from maxlm.mesh import LogicalRules, mesh_context, replicated
+from maxlm.train.losses import Batch, LossFn, Metrics
+from maxlm.train.state import TrainState
+
+StepFn = Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]
+
+
+def _split_microbatches(batch: Batch, k: int, sharding: NamedSharding) -> Batch:
+    def split(x: jax.Array) -> jax.Array:
+        b = x.shape[0] // k
+        x = x.reshape((b, k) + x.shape[1:]).swapaxes(0, 1)  # [k, b, ...]: microbatch i = rows i, i+k, ...
+        spec = jax.sharding.PartitionSpec(None, *sharding.spec)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(sharding.mesh, spec))
+
+    return jax.tree_util.tree_map(split, batch)
+
+
+def grads_and_metrics(loss_fn: LossFn, params: Any, batch: Batch, rng: jax.Array, k: int,
+                      batch_sharding: NamedSharding) -> tuple[Any, Metrics]:
+    """Weighted-mean loss and gradients over the global batch, in k microbatches."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if k == 1:
+        (loss, metrics), grads = grad_fn(params, batch, rng)
+        return grads, metrics | {"loss": loss}
+
+    micro = _split_microbatches(batch, k, batch_sharding)
+
+    def body(carry: tuple[Any, Metrics], xs: tuple[Batch, jax.Array]) -> tuple[tuple[Any, Metrics], None]:
+        g_acc, m_acc = carry
+        mb, r = xs
+        (loss, metrics), grads = grad_fn(params, mb, r)
+        w = metrics["weight"]
+        g_acc = jax.tree_util.tree_map(lambda a, g: a + w * g.astype(a.dtype), g_acc, grads)
+        weighted = {key: v * w for key, v in (metrics | {"loss": loss}).items() if key != "weight"}
+        m_acc = {key: m_acc[key] + weighted.get(key, w) for key in m_acc}
+        return (g_acc, m_acc), None
+
+    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    abstract_m = jax.eval_shape(lambda: grad_fn(params, jax.tree_util.tree_map(lambda x: x[0], micro), rng)[0])
+    m0 = {key: jnp.zeros((), jnp.float32) for key in list(abstract_m[1]) + ["loss"]}
+    (g_sum, m_sum), _ = jax.lax.scan(body, (zeros, m0), (micro, jax.random.split(rng, k)))
+    total = m_sum["weight"]
+    denom = jnp.maximum(total, 1.0)
+    grads = jax.tree_util.tree_map(lambda g: g / denom, g_sum)
+    metrics = {key: v / denom for key, v in m_sum.items() if key != "weight"} | {"weight": total}
+    return grads, metrics
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule: optax.Schedule, grad_accum: int,
+                    state_shardings: TrainState, batch_shard: NamedSharding, mesh: Mesh,
+                    rules: LogicalRules) -> StepFn:
+    """Compiles `step(state, batch, rng) -> (state, metrics)` with explicit shardings and a donated state."""
+
+    def step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, Metrics]:
+        rng = jax.random.fold_in(rng, state.step)
+        grads, metrics = grads_and_metrics(loss_fn, state.params, batch, rng, grad_accum, batch_shard)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = metrics | {"grad_norm": optax.global_norm(grads), "lr": schedule(state.step),
+                             "param_norm": optax.global_norm(params)}
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    # One sharding for the whole batch dict: every entry is [B, T] with rows over the data-parallel axes.
+    jitted = jax.jit(step, in_shardings=(state_shardings, batch_shard, replicated(mesh)),
+                     out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))
+
+    def run(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, Metrics]:
+        with mesh_context(mesh, rules):
+            return jitted(state, batch, rng)
+
+    run.jitted = jitted  # type: ignore[attr-defined]
+    return run
