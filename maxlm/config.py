@@ -8,6 +8,7 @@ device count, so every mistake is reported before anything compiles).
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import glob as globlib
 import math
 import os
@@ -133,6 +134,7 @@ class TrainConfig:
     z_loss: float = 0.0
     log_every: int = 10
     hardware: str = "auto"  # peak-FLOP table key for MFU; auto: from the device kind
+    compile_cache_dir: str = ""  # persistent XLA compilation cache ("" = off): restarts skip recompiling
 
 
 @dataclass
@@ -372,16 +374,22 @@ def check_static(cfg: Config) -> None:
 
 
 def expand_globs(pattern: str) -> list[str]:
-    """Comma-separated globs -> sorted unique files (directories expand to every file below them)."""
+    """Comma-separated globs -> sorted unique files (directories expand to every file below them).
+
+    An entry starting with `!` excludes the files it matches (fnmatch on the full path, `*` crosses `/`), e.g.
+    `lib/**/*.py,!*/site-packages/*`.
+    """
+    entries = [p.strip() for p in pattern.split(",") if p.strip()]
     files: set[str] = set()
-    for pat in (p.strip() for p in pattern.split(",") if p.strip()):
+    for pat in (p for p in entries if not p.startswith("!")):
         for hit in globlib.glob(os.path.expanduser(pat), recursive=True):
             if os.path.isdir(hit):
                 for root, _, names in os.walk(hit):
                     files.update(os.path.join(root, n) for n in names)
             elif os.path.isfile(hit):
                 files.add(hit)
-    return sorted(files)
+    excludes = [os.path.expanduser(p[1:]) for p in entries if p.startswith("!")]
+    return sorted(f for f in files if not any(fnmatch.fnmatch(f, x) for x in excludes))
 
 
 def resolve_mesh_shape(mc: MeshConfig, num_devices: int) -> dict[str, int]:

@@ -15,7 +15,8 @@ PROMPT = "def fibonacci("
 
 
 def stdlib_glob() -> str:
-    return os.path.join(sysconfig.get_paths()["stdlib"], "**", "*.py")
+    """This interpreter's standard library source, without the third-party packages installed beside it."""
+    return os.path.join(sysconfig.get_paths()["stdlib"], "**", "*.py") + ",!*/site-packages/*,!*/dist-packages/*"
 
 
 def run_demo(overrides: list[str], progress: bool = True) -> int:

@@ -183,7 +183,9 @@ def train_tokenizer(input_glob: str, vocab_size: int, out: str, *, max_bytes: in
             model_type="bpe",
             vocab_size=vocab_size,
             hard_vocab_limit=False,
-            character_coverage=1.0,
+            # Rare characters (in code: non-ASCII in strings/comments) fall back to bytes instead of taking
+            # vocabulary slots: full coverage of the stdlib needs more than 5000 characters.
+            character_coverage=0.9995,
             byte_fallback=True,
             normalization_rule_name="identity",
             remove_extra_whitespaces=False,

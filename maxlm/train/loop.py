@@ -51,8 +51,16 @@ def resolve_hardware(cfg: Config) -> Hardware | None:
     return HARDWARE[cfg.train.hardware]
 
 
+def enable_compile_cache(path: str) -> None:
+    """Persistent XLA cache: a resumed or repeated run loads its executables instead of compiling them."""
+    if path:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
 def build_run(cfg: Config) -> Run:
     validate(cfg, jax.device_count())
+    enable_compile_cache(cfg.train.compile_cache_dir)
     from maxlm.data.pipeline import build_dataset  # grain is imported only when data is needed
 
     n_proc, proc = jax.process_count(), jax.process_index()

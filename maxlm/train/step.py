@@ -74,8 +74,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule:
         grads, metrics = grads_and_metrics(loss_fn, state.params, batch, rng, grad_accum, batch_shard)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = metrics | {"grad_norm": optax.global_norm(grads), "lr": schedule(state.step),
-                             "param_norm": optax.global_norm(params)}
+        metrics = metrics | {"grad_norm": optax.tree.norm(grads), "lr": schedule(state.step),
+                             "param_norm": optax.tree.norm(params)}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     # One sharding for the whole batch dict: every entry is [B, T] with rows over the data-parallel axes.
