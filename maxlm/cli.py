@@ -138,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"maxlm: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `maxlm ... | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
