@@ -42,6 +42,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = _load(args)
+    from maxlm.distributed import initialize
+
+    initialize()
     from maxlm.train.loop import train
 
     summary = train(cfg, progress=not args.no_progress)
@@ -52,6 +55,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     cfg = _load(args)
+    from maxlm.distributed import initialize
+
+    initialize()
     from maxlm.bench import bench
 
     result = bench(cfg, args.steps, warmup=args.warmup)
@@ -77,10 +83,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.overrides, progress=not args.no_progress)
 
 
-def cmd_plan(argv: list[str]) -> int:
-    from maxlm.plan.cli import main as plan_main
+def _delegate(module: str, function: str = "main") -> Callable[[list[str]], int]:
+    """Subcommand families with their own argument parsers (`maxlm plan`, `maxlm convert`, `maxlm data`)."""
 
-    return plan_main(argv)
+    def run(argv: list[str]) -> int:
+        import importlib
+
+        return getattr(importlib.import_module(module), function)(argv)
+
+    return run
+
+
+DELEGATED: dict[str, Callable[[list[str]], int]] = {
+    "plan": _delegate("maxlm.plan.cli"),
+    "convert": _delegate("maxlm.convert.cli"),
+    "data": _delegate("maxlm.data.cli"),
+    "bench-data": _delegate("maxlm.data.cli", "bench_main"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(fn=cmd_demo)
     sub.add_parser("plan", help="scaling planner: compute budget -> config (see `maxlm plan --help`)", add_help=False)
+    sub.add_parser("convert", help="Hugging Face <-> maxlm checkpoints (see `maxlm convert --help`)", add_help=False)
+    sub.add_parser("data", help="data preparation (see `maxlm data --help`)", add_help=False)
+    sub.add_parser("bench-data", help="input-pipeline throughput (see `maxlm bench-data --help`)", add_help=False)
     return p
 
 
@@ -125,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _force_cpu_devices(int(os.environ.get("MAXLM_CPU_DEVICES", "8")))
     try:
-        if argv and argv[0] == "plan":
-            return cmd_plan(argv[1:])
+        if argv and argv[0] in DELEGATED:
+            return DELEGATED[argv[0]](argv[1:])
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
         bad = [a for a in extra if "=" not in a or a.startswith("-")]

@@ -124,6 +124,17 @@ class OptimConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """When and where the train state is saved, and how long checkpoints are kept."""
+
+    dir: str = ""  # "": {run_dir}/checkpoints; a local path or any URL orbax/tensorstore accept (gs://...)
+    every: int = 1000  # save every N steps and always at the end; 0: only at the end
+    keep_last: int = 3  # the newest N checkpoints are kept
+    keep_every: int = 0  # a checkpoint whose step is a multiple of this is kept forever (0: none)
+    async_save: bool = True  # write in the background while training goes on
+
+
+@dataclass
 class TrainConfig:
     """The loop: how long, how big a batch, which objective, what to log."""
 
@@ -135,6 +146,9 @@ class TrainConfig:
     log_every: int = 10
     hardware: str = "auto"  # peak-FLOP table key for MFU; auto: from the device kind
     compile_cache_dir: str = ""  # persistent XLA compilation cache ("" = off): restarts skip recompiling
+    max_nonfinite_steps: int = 3  # consecutive NaN/Inf steps (skipped, not applied) before the run stops
+    eval_every: int = 0  # evaluate on the held-out split every N steps (0: never)
+    eval_steps: int = 10  # batches per evaluation
 
 
 @dataclass
@@ -143,11 +157,13 @@ class Config:
 
     run_dir: str = "runs/default"
     seed: int = 0
+    load_parameters_from: str = ""  # initialise params (not optimizer/step) from a maxlm checkpoint or HF directory
     model: ModelConfig = field(default_factory=ModelConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     # ---- derived values: computed here and nowhere else ----
     @property
