@@ -45,11 +45,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from maxlm.distributed import initialize
 
     initialize()
-    from maxlm.train.loop import train
+    from maxlm.train.loop import TrainingError, describe, train
 
-    summary = train(cfg, progress=not args.no_progress)
-    print(f"trained {summary['steps']} steps: first loss {summary['first_loss']:.4f}, last loss "
-          f"{summary['last_loss']:.4f}; metrics in {os.path.join(cfg.run_dir, 'metrics.jsonl')}")
+    try:
+        summary = train(cfg, progress=not args.no_progress)
+    except TrainingError as e:  # non-finite steps, no readable checkpoint: one line, exit 1
+        print(f"maxlm: error: {e}", file=sys.stderr)
+        return 1
+    print(describe(summary))
     return 0
 
 

@@ -70,6 +70,42 @@ class ModelConfig:
     attention: str = "auto"  # auto | xla | cudnn
     scan_layers: bool = True
     remat: str = "none"  # none | full | dots | dots_no_batch
+    # ---- Mixture-of-Experts (used when ffn == "moe"; maxlm/model/moe.py) ----
+    num_experts: int = 8  # routed experts per MoE layer
+    experts_per_token: int = 2  # top-k
+    moe_ffn_dim: int = 0  # hidden size of each routed (and shared) expert; 0: ffn_dim
+    shared_experts: int = 0  # always-on experts of width moe_ffn_dim (DeepSeekMoE), added to the routed output
+    first_dense_layers: int = 0  # the first N layers keep the dense `mlp` block (DeepSeek-V3: 3)
+    moe_layer_interval: int = 1  # after those, every Nth layer is MoE (the others dense): 1 = all, 2 = alternate
+    router_scoring: str = "softmax"  # softmax (Mixtral) | sigmoid (DeepSeek-V3, with a selection-only bias)
+    router_renormalize: bool = True  # divide the top-k weights by their sum (Mixtral, DeepSeek-V3)
+    router_scale: float = 1.0  # multiplies the routed experts' weights (DeepSeek-V3 routed_scaling_factor: 2.5)
+    router_bias_rate: float = 0.001  # sigmoid: bias step gamma of DeepSeek-V3's auxiliary-loss-free balancing
+    router_jitter: float = 0.0  # training only: router input * U(1 - eps, 1 + eps) (Switch Transformer)
+    capacity_factor: float = 0.0  # <= 0: dropless (sort + grouped matmul); > 0: slots per expert per sequence
+    moe_matmul: str = "auto"  # dropless grouped matmul: ragged_dot | tiled | auto (tiled on CPU, else ragged_dot)
+    load_balance_coef: float = 0.01  # Switch/Mixtral E * sum_e f_e P_e, averaged over MoE layers
+    router_z_coef: float = 0.0  # ST-MoE router z-loss mean(logsumexp(logits)^2), averaged over MoE layers
+    moe_expert_metrics: bool = True  # log every expert's token fraction per layer (else per-layer summaries only)
+
+    def layer_is_moe(self, i: int) -> bool:
+        """Whether layer i (0-based) has the MoE block: after `first_dense_layers` dense layers, the last layer of
+        every run of `moe_layer_interval` (interval 2: dense, MoE, dense, MoE, ...; a trailing partial run is dense).
+        Defined here once so the model, the parameter/FLOP counter and the planner agree on it."""
+        if self.ffn != "moe" or i < self.first_dense_layers:
+            return False
+        return (i - self.first_dense_layers + 1) % self.moe_layer_interval == 0
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i in range(self.n_layers) if self.layer_is_moe(i)]
+
+    @property
+    def num_moe_layers(self) -> int:
+        """len(moe_layers) in closed form (the planner counts parameters of thousands of shapes)."""
+        if self.ffn != "moe":
+            return 0
+        return max(self.n_layers - self.first_dense_layers, 0) // self.moe_layer_interval
 
 
 @dataclass
@@ -92,10 +128,16 @@ class MeshConfig:
 class DataConfig:
     """Where tokens come from and how they are packed into rows."""
 
-    source: str = "synthetic"  # synthetic | text | jsonl
-    path: str = ""  # glob (comma-separated globs allowed) for text/jsonl
-    text_field: str = "text"  # JSONL field holding the document
-    tokenizer: str = ""  # sentencepiece .model path (text/jsonl)
+    source: str = "synthetic"  # synthetic | text | jsonl | parquet | arrayrecord (single-source shorthand)
+    path: str = ""  # glob (comma-separated globs allowed) for the single source
+    text_field: str = "text"  # JSONL field / Parquet column holding the document
+    text_split: str = "file"  # text files: file (one document each) | blank_line (blank-line-separated documents)
+    # Weighted sources: [{name, path, weight, format, text_field, text_split, stage_weights, max_files}, ...]
+    # (validated into maxlm.data.spec.MixtureComponent); replaces source/path when non-empty.
+    mixture: list = field(default_factory=list)
+    stage_starts: list = field(default_factory=list)  # fractions of train.steps where stages 1, 2, ... begin
+    tokenizer: str = ""  # sentencepiece .model path (a cache carries its own copy)
+    cache_dir: str = ""  # pre-tokenized cache written by `maxlm data prepare`; when set, training reads it
     seq_len: int = 128
     shuffle_seed: int = 0
     packing: str = "first_fit"  # first_fit | best_fit
@@ -103,6 +145,13 @@ class DataConfig:
     add_eos: bool = True
     num_workers: int = 0  # grain multiprocessing prefetch workers (0: in-process)
     max_files: int = 0  # 0: all files matched by `path`
+    eval_fraction: float = 0.0  # documents held out for eval, chosen by document hash
+    min_doc_chars: int = 0  # cleaning: drop shorter documents
+    max_doc_chars: int = 0  # cleaning: drop longer documents (0: no limit)
+    max_non_text_ratio: float = 1.0  # cleaning: drop documents with more control/replacement chars (1: off)
+    max_bad_fraction: float = 0.1  # unreadable/malformed items above this fraction stop the run
+    prepare_workers: int = 0  # processes for `maxlm data prepare` (0: one per CPU core)
+    resume: str = "exact"  # exact: refuse to resume onto other processes/workers/sources | reshuffle: new order
 
 
 @dataclass
@@ -132,6 +181,21 @@ class CheckpointConfig:
     keep_last: int = 3  # the newest N checkpoints are kept
     keep_every: int = 0  # a checkpoint whose step is a multiple of this is kept forever (0: none)
     async_save: bool = True  # write in the background while training goes on
+
+
+def check_checkpoint(cfg: Config) -> None:
+    """`checkpoint.*` ranges and `load_parameters_from` (a local path must exist; its format and shapes are checked
+    when the run is built, by maxlm.train.checkpoint)."""
+    c = cfg.checkpoint
+    for key, val in [("checkpoint.every", c.every), ("checkpoint.keep_last", c.keep_last),
+                     ("checkpoint.keep_every", c.keep_every)]:
+        if val < 0:
+            raise ConfigError(f"{key} must be >= 0, got {val}")
+    path = cfg.load_parameters_from
+    if path and "://" not in path and not os.path.exists(os.path.expanduser(path)):
+        raise ConfigError(f"load_parameters_from: {path} does not exist; give a maxlm checkpoint directory (a run's "
+                          "checkpoints/ or one step in it) or a Hugging Face model directory (config.json + "
+                          "safetensors)")
 
 
 @dataclass
@@ -339,6 +403,7 @@ def _choice(value: str, options: tuple[str, ...], key: str) -> None:
 def check_static(cfg: Config) -> None:
     """Checks that need no devices: ranges, choices, divisibility inside the model and batch."""
     m, t, d, o = cfg.model, cfg.train, cfg.data, cfg.optim
+    check_checkpoint(cfg)
     for key, val in [("model.vocab_size", m.vocab_size), ("model.d_model", m.d_model), ("model.n_layers", m.n_layers),
                      ("model.n_heads", m.n_heads), ("model.n_kv_heads", m.n_kv_heads), ("model.ffn_dim", m.ffn_dim),
                      ("data.seq_len", d.seq_len), ("train.global_batch_size", t.global_batch_size),
@@ -360,8 +425,8 @@ def check_static(cfg: Config) -> None:
     from maxlm.model.ffn import FFN_BLOCKS  # the registry of pluggable feed-forward blocks
 
     _choice(m.ffn, tuple(FFN_BLOCKS), "model.ffn")
-    _choice(d.source, ("synthetic", "text", "jsonl"), "data.source")
-    _choice(d.packing, ("first_fit", "best_fit"), "data.packing")
+    if m.ffn == "moe":
+        _check_moe(m)
     _choice(o.schedule, ("cosine", "wsd", "constant"), "optim.schedule")
     from maxlm.train.losses import OBJECTIVES
 
@@ -378,15 +443,35 @@ def check_static(cfg: Config) -> None:
         for ax in axes:
             if ax not in MESH_AXES:
                 raise ConfigError(f"mesh.rules[{i}]: {ax!r} is not a mesh axis ({', '.join(MESH_AXES)})")
-    if d.source in ("text", "jsonl"):
-        if not d.path:
-            raise ConfigError(f"data.path is empty; set data.path=GLOB for data.source={d.source}")
-        if not d.tokenizer:
-            raise ConfigError("data.tokenizer is empty; train one with `maxlm tokenizer train` and set data.tokenizer=PATH")
-        if not os.path.isfile(d.tokenizer):
-            raise ConfigError(f"data.tokenizer: file not found: {d.tokenizer}")
-        if not expand_globs(d.path):
-            raise ConfigError(f"data.path: no files match {d.path!r}; check the path or glob")
+    from maxlm.data.spec import check_data_config  # the data section's checks live beside the mixture schema
+
+    check_data_config(cfg)
+
+
+def _check_moe(m: ModelConfig) -> None:
+    """Ranges of the Mixture-of-Experts keys (only when `model.ffn: moe`)."""
+    if m.num_experts < 1:
+        raise ConfigError(f"model.num_experts must be >= 1 for model.ffn=moe, got {m.num_experts}")
+    if not 1 <= m.experts_per_token <= m.num_experts:
+        raise ConfigError(f"model.experts_per_token={m.experts_per_token} must be between 1 and model.num_experts="
+                          f"{m.num_experts}")
+    for key, val in [("model.moe_ffn_dim", m.moe_ffn_dim), ("model.shared_experts", m.shared_experts),
+                     ("model.first_dense_layers", m.first_dense_layers), ("model.router_jitter", m.router_jitter),
+                     ("model.load_balance_coef", m.load_balance_coef), ("model.router_z_coef", m.router_z_coef),
+                     ("model.router_bias_rate", m.router_bias_rate)]:
+        if val < 0:
+            raise ConfigError(f"{key} must be >= 0, got {val}")
+    if m.moe_layer_interval < 1:
+        raise ConfigError(f"model.moe_layer_interval must be >= 1 (1: every layer is MoE), got {m.moe_layer_interval}")
+    if m.first_dense_layers + m.moe_layer_interval > m.n_layers:
+        raise ConfigError(f"model.first_dense_layers={m.first_dense_layers} and model.moe_layer_interval="
+                          f"{m.moe_layer_interval} leave no MoE layer in model.n_layers={m.n_layers}")
+    if not m.router_jitter < 1:
+        raise ConfigError(f"model.router_jitter must be in [0, 1), got {m.router_jitter}")
+    if m.router_scale <= 0:
+        raise ConfigError(f"model.router_scale must be positive, got {m.router_scale}")
+    _choice(m.router_scoring, ("softmax", "sigmoid"), "model.router_scoring")
+    _choice(m.moe_matmul, ("auto", "ragged_dot", "tiled"), "model.moe_matmul")
 
 
 def expand_globs(pattern: str) -> list[str]:
@@ -458,7 +543,32 @@ def validate(cfg: Config, num_devices: int) -> dict[str, int]:
     fs = shape["fsdp"]
     if m.d_model % fs:
         raise ConfigError(f"model.d_model={m.d_model} is not divisible by mesh.fsdp={fs}")
+    if m.ffn == "moe":
+        _validate_moe_mesh(cfg, shape, batch_axes)
     return shape
+
+
+def _validate_moe_mesh(cfg: Config, shape: dict[str, int], batch_axes: list[str]) -> None:
+    """Expert parallelism: experts split evenly over the mesh axes `exp` maps to, and those axes also split the
+    batch (each expert shard must hold different tokens for the all-to-all exchange to be a permutation)."""
+    m = cfg.model
+    exp_axes = [a for a in _rule_axes(cfg.mesh.rules, "exp") if shape[a] > 1]
+    ep = math.prod(shape[a] for a in exp_axes)
+    if m.num_experts % ep:
+        raise ConfigError(f"model.num_experts={m.num_experts} is not divisible by the expert-parallel size {ep} "
+                          f"({' x '.join(exp_axes)}); pick mesh.expert that divides it")
+    missing = [a for a in exp_axes if a not in batch_axes]
+    if missing:
+        raise ConfigError(f"mesh.rules: experts are split over {', '.join(missing)} but act_batch is not; add "
+                          f"{missing[0]} to the act_batch rule (expert parallelism exchanges tokens over it)")
+    split_mlp = [a for a in _rule_axes(cfg.mesh.rules, "mlp") if shape[a] > 1 and a in batch_axes]
+    if split_mlp:
+        raise ConfigError(f"mesh.rules: mlp and act_batch both use {split_mlp[0]}; the experts' hidden size and the "
+                          f"batch need different mesh axes")
+    tp = shape["tensor"]
+    width = m.moe_ffn_dim or m.ffn_dim
+    if width % tp:
+        raise ConfigError(f"model.moe_ffn_dim={width} is not divisible by mesh.tensor={tp}")
 
 
 def _rule_axes(rules: list, logical: str) -> list[str]:

@@ -76,13 +76,53 @@ def mlp_params(d_model: int, ffn_dim: int) -> int:
     return 3 * d_model * ffn_dim  # SwiGLU: gate, up, down
 
 
+def moe_params(m: ModelConfig) -> tuple[int, int]:
+    """(total, active) parameters of one MoE block: the bias-free router D x E (+ the E selection biases of sigmoid
+    routing), E routed SwiGLU experts and the shared experts.
+
+    Every token passes through the router, the shared experts and `experts_per_token` routed experts (top-k, as in
+    Switch/Mixtral), so only those count as active: FLOPs per token and the scaling laws (about compute per token)
+    need the active count, memory the total.
+    """
+    f = m.moe_ffn_dim or m.ffn_dim
+    router = m.d_model * m.num_experts + (m.num_experts if m.router_scoring == "sigmoid" else 0)
+    expert = mlp_params(m.d_model, f)
+    shared = mlp_params(m.d_model, m.shared_experts * f)
+    return router + shared + m.num_experts * expert, router + shared + m.experts_per_token * expert
+
+
+def _ffn_matmul_active(m: ModelConfig) -> tuple[int, int]:
+    """Per-token matmul parameters of a dense layer's and of an MoE layer's feed-forward block (router included,
+    the selection bias left out: an add, not a matmul)."""
+    moe_active = moe_params(m)[1] - (m.num_experts if m.router_scoring == "sigmoid" else 0)
+    return mlp_params(m.d_model, m.ffn_dim), moe_active
+
+
 def count_params(m: ModelConfig) -> ParamCount:
-    """Exact parameter count of the decoder maxlm builds from `m` (tested against `jax.eval_shape`)."""
+    """Exact parameter count of the decoder maxlm builds from `m` (tested against `jax.eval_shape`), dense or MoE.
+
+    Which layers are MoE is `ModelConfig.layer_is_moe` (here in closed form, `num_moe_layers`). `per_layer` is the
+    largest layer (an MoE layer in a mixed stack): what one layer's working copy of weights costs.
+    """
     embedding = m.vocab_size * m.d_model
     lm_head = 0 if m.tie_embeddings else m.vocab_size * m.d_model
-    per_layer = attention_params(m) + mlp_params(m.d_model, m.ffn_dim) + 2 * m.d_model  # + two RMSNorm scales
-    total = embedding + lm_head + m.n_layers * per_layer + m.d_model  # + final norm
-    return ParamCount(total=total, embedding=embedding, lm_head=lm_head, per_layer=per_layer, active=total)
+    attn_norms = attention_params(m) + 2 * m.d_model  # + two RMSNorm scales
+    n_moe = m.num_moe_layers
+    n_dense = m.n_layers - n_moe
+    dense_layer = attn_norms + mlp_params(m.d_model, m.ffn_dim)
+    moe_total, moe_active = moe_params(m) if n_moe else (0, 0)
+    outside = embedding + lm_head + m.d_model  # + final norm
+    total = outside + n_dense * dense_layer + n_moe * (attn_norms + moe_total)
+    active = outside + n_dense * dense_layer + n_moe * (attn_norms + moe_active)
+    per_layer = max(dense_layer if n_dense else 0, attn_norms + moe_total if n_moe else 0)
+    return ParamCount(total=total, embedding=embedding, lm_head=lm_head, per_layer=per_layer, active=active)
+
+
+def layer_matmul_params(m: ModelConfig) -> int:
+    """Matmul parameters one token uses in all layers together (attention + active feed-forward, no norms)."""
+    dense_ffn, moe_ffn = _ffn_matmul_active(m)
+    n_moe = m.num_moe_layers
+    return m.n_layers * attention_params(m) + (m.n_layers - n_moe) * dense_ffn + n_moe * moe_ffn
 
 
 def flops_per_token(m: ModelConfig, seq_len: int) -> float:
@@ -90,59 +130,16 @@ def flops_per_token(m: ModelConfig, seq_len: int) -> float:
 
     6 * N_matmul for the weight matmuls (2 forward, 4 backward), where N_matmul counts the parameters used in
     matmuls for one token: every layer weight plus the LM head (the tied embedding counts once, as the head; the
-    input lookup is a gather). Plus 12 * L * H * hd * T for the attention scores and weighted values
-    (QK^T and AV, 2 FLOPs per multiply-add, x3 for backward), not halved for the causal mask, as in PaLM/MaxText.
-    Norm scales are negligible and left out.
+    input lookup is a gather). For MoE layers only the active experts count (k routed + shared + the router):
+    MFU of an MoE model is measured against the compute a token actually needs. Plus 12 * L * H * hd * T for the
+    attention scores and weighted values (QK^T and AV, 2 FLOPs per multiply-add, x3 for backward), not halved for
+    the causal mask, as in PaLM/MaxText. Norm scales are negligible and left out.
     """
-    pc = count_params(m)
     hd = m.head_dim or m.d_model // m.n_heads
-    layer_matmul = pc.per_layer - 2 * m.d_model
-    n_matmul = m.n_layers * layer_matmul + m.vocab_size * m.d_model
+    n_matmul = layer_matmul_params(m) + m.vocab_size * m.d_model
     return 6.0 * n_matmul + 12.0 * m.n_layers * m.n_heads * hd * seq_len
 
 
 def model_summary(m: ModelConfig, seq_len: int) -> dict[str, float]:
     pc = count_params(m)
     return dataclasses.asdict(pc) | {"flops_per_token": flops_per_token(m, seq_len)}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Mixture-of-Experts counts (used by the planner's `--moe E,K`; the MoE block itself is a later issue).
-
-
-def moe_layer_params(d_model: int, moe_ffn_dim: int, num_experts: int, experts_per_token: int) -> tuple[int, int]:
-    """(total, active) parameters of one routed feed-forward block: a bias-free router d x E plus E SwiGLU experts.
-
-    Every token passes through the router and through `experts_per_token` of the experts (top-k routing, as in
-    Switch/Mixtral), so only those experts' weights count as active: this is what FLOPs per token and the scaling
-    laws (which are about compute per token) need, while memory needs the total.
-    """
-    router = d_model * num_experts
-    expert = mlp_params(d_model, moe_ffn_dim)
-    return router + num_experts * expert, router + experts_per_token * expert
-
-
-def count_params_moe(m: ModelConfig, num_experts: int, experts_per_token: int, moe_ffn_dim: int = 0) -> ParamCount:
-    """Exact counts of the decoder with every layer's MLP replaced by a routed MoE block (`moe_ffn_dim` 0: ffn_dim).
-
-    Same attention, norms, embedding and head as `count_params`; `per_layer` is the total per layer and `active`
-    the parameters one token touches.
-    """
-    ffn = moe_ffn_dim or m.ffn_dim
-    moe_total, moe_active = moe_layer_params(m.d_model, ffn, num_experts, experts_per_token)
-    attn_norms = attention_params(m) + 2 * m.d_model
-    embedding = m.vocab_size * m.d_model
-    lm_head = 0 if m.tie_embeddings else m.vocab_size * m.d_model
-    outside = embedding + lm_head + m.d_model
-    return ParamCount(total=outside + m.n_layers * (attn_norms + moe_total), embedding=embedding, lm_head=lm_head,
-                      per_layer=attn_norms + moe_total, active=outside + m.n_layers * (attn_norms + moe_active))
-
-
-def flops_per_token_moe(m: ModelConfig, seq_len: int, num_experts: int, experts_per_token: int,
-                        moe_ffn_dim: int = 0) -> float:
-    """`flops_per_token` for the MoE decoder: 6 x the active matmul parameters (router included) + attention."""
-    ffn = moe_ffn_dim or m.ffn_dim
-    _, moe_active = moe_layer_params(m.d_model, ffn, num_experts, experts_per_token)
-    hd = m.head_dim or m.d_model // m.n_heads
-    n_matmul = m.n_layers * (attention_params(m) + moe_active) + m.vocab_size * m.d_model
-    return 6.0 * n_matmul + 12.0 * m.n_layers * m.n_heads * hd * seq_len

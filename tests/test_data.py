@@ -187,7 +187,7 @@ def test_text_source_yields_every_utf8_file(tmp_path: Path, tok_path: str, caplo
     with caplog.at_level(logging.WARNING, logger="maxlm.data"):
         batches = _take(build_dataset(cfg, vocab_size=600, batch_size=8, seed=0), 3)
     warnings = [r.getMessage() for r in caplog.records if "bad.txt" in r.getMessage()]
-    assert len(warnings) == 1 and "not UTF-8" in warnings[0] and "1 non-UTF-8 files skipped" in warnings[0]
+    assert len(warnings) == 1 and "not UTF-8" in warnings[0] and "1 unusable text files skipped" in warnings[0]
     for b in batches:
         _check_invariants(b, 8, 64)
     assert _decoded_docs(batches, tok_path) == set(DOCS)
@@ -211,9 +211,11 @@ def test_jsonl_source_skips_bad_lines_with_warning(tmp_path: Path, tok_path: str
     lines = [json.dumps({"text": d, "id": i}) for i, d in enumerate(DOCS[:10])]
     lines[3:3] = ["{not json", json.dumps({"body": "no text field"}), "", json.dumps({"text": 7})]
     path = _write(tmp_path / "a.jsonl", "\n".join(lines) + "\n")
-    cfg = _cfg(source="jsonl", path=str(path), tokenizer=tok_path, seq_len=64)
+    cfg = _cfg(source="jsonl", path=str(path), tokenizer=tok_path, seq_len=64, max_bad_fraction=0.5)
     with caplog.at_level(logging.WARNING, logger="maxlm.data"):
         batches = _take(build_dataset(cfg, vocab_size=600, batch_size=8, seed=0), 2)
+    with pytest.raises(ConfigError, match=r"3 of 13 sampled items .* > data.max_bad_fraction=0.1"):
+        build_dataset(_cfg(source="jsonl", path=str(path), tokenizer=tok_path), vocab_size=600, batch_size=8, seed=0)
     assert _decoded_docs(batches, tok_path) == set(DOCS[:10])
     msgs = " | ".join(r.getMessage() for r in caplog.records)
     assert f"{path}:4: invalid JSON" in msgs and f"{path}:5: no string field 'text'" in msgs

@@ -1,7 +1,34 @@
-"""Data: the sentencepiece tokenizer and the grain pretraining pipeline (see pipeline.py for the stage order)."""
+"""Data: the sentencepiece tokenizer and the grain pretraining pipeline (see pipeline.py for the stage order).
 
-from maxlm.data.pipeline import BATCH_KEYS, build_dataset, pack_stats
-from maxlm.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, load_tokenizer, train_tokenizer
+Names are resolved lazily (PEP 562) so that `maxlm.config` can validate the `data` section through the light
+`maxlm.data.spec` module without importing grain and sentencepiece: `maxlm config` stays fast.
+"""
 
-__all__ = ["BATCH_KEYS", "BOS_ID", "EOS_ID", "PAD_ID", "UNK_ID", "Tokenizer", "build_dataset", "load_tokenizer",
-           "pack_stats", "train_tokenizer"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "BATCH_KEYS": "maxlm.data.pipeline",
+    "build_dataset": "maxlm.data.pipeline",
+    "build_eval_batches": "maxlm.data.pipeline",
+    "pack_stats": "maxlm.data.pipeline",
+    "BOS_ID": "maxlm.data.tokenizer",
+    "EOS_ID": "maxlm.data.tokenizer",
+    "PAD_ID": "maxlm.data.tokenizer",
+    "UNK_ID": "maxlm.data.tokenizer",
+    "Tokenizer": "maxlm.data.tokenizer",
+    "load_tokenizer": "maxlm.data.tokenizer",
+    "train_tokenizer": "maxlm.data.tokenizer",
+    "prepare_cache": "maxlm.data.prepare",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'maxlm.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

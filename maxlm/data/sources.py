@@ -1,20 +1,28 @@
-"""Random-access document sources for the grain pipeline: text files, JSONL lines, and synthetic sequences.
+"""Random-access document sources: text files, JSONL lines, synthetic sequences (Parquet and ArrayRecord: records.py).
 
 Every source is a plain sequence (`__len__` + `__getitem__`) of documents, which is what `grain.MapDataset.source`
 needs: random access is what makes a global shuffle, per-host sharding (`ds[shard::count]`) and exact iterator
-resumption (state = an index) cheap. Documents are read lazily; a document that cannot be used comes back as
-`None` (with a logged warning) so one bad file never stops a run.
+resumption (state = an index) cheap. Documents are read lazily; one that cannot be used (malformed JSON, a missing
+field, bytes that are not UTF-8, an empty file) comes back as `None` with a warning naming the file and line, and
+is counted in `bad_count`, so one bad file never stops a run but a corpus that is mostly bad does (see
+`maxlm.data.pipeline` and `maxlm.data.prepare`, which compare the count with `data.max_bad_fraction`).
+
+Sources also take *pieces* (a byte range of a JSONL file, a row-group range of a Parquet file, a record range of an
+ArrayRecord file), which is how `maxlm data prepare` splits one large file over several worker processes.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 
-from maxlm.config import ConfigError, DataConfig, expand_globs
+from maxlm.config import ConfigError, expand_globs
 
 log = logging.getLogger(__name__)
 
@@ -27,15 +35,45 @@ SYNTHETIC_MAX_ALPHABET = 64
 # Effectively infinite (more documents than any run reads); `repeat()` wraps around after it anyway.
 SYNTHETIC_NUM_DOCS = 2**31 - 1
 _SCAN_BLOCK = 64 << 20
+# Warnings per source object about skipped items; the rest are only counted (reported by `maxlm data prepare`).
+MAX_WARNINGS = 5
+# Blank-line document separators: a newline, then one or more lines holding only whitespace.
+_PARAGRAPH_BREAK = re.compile(rb"\n(?:[ \t\r\f\v]*\n)+")
 
 
-def list_files(data: DataConfig) -> list[str]:
-    """The sorted file list behind `data.path`, capped at `data.max_files`; raises ConfigError when empty."""
-    files = expand_globs(data.path)
+class DocumentSource(Protocol):
+    """What the pipeline and the cache builder need from a source."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Any: ...
+
+    def describe(self, index: int) -> str: ...
+
+    @property
+    def bad_count(self) -> int: ...
+
+    static_bad: int  # items rejected while indexing (empty or unreadable files), included in bad_count
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A part of one input file: JSONL byte range [lo, hi) starting at line `line0`; Parquet row groups [lo, hi);
+    ArrayRecord records [lo, hi). `hi < 0` means to the end; text files are always whole (lo = hi = 0)."""
+
+    path: str
+    lo: int = 0
+    hi: int = -1
+    line0: int = 1
+
+
+def list_files(path: str, max_files: int = 0, key: str = "data.path") -> list[str]:
+    """The sorted file list behind a glob, capped at `max_files`; raises ConfigError when empty."""
+    files = expand_globs(path)
     if not files:
-        raise ConfigError(f"data.path: no files match {data.path!r}; check the path or glob")
-    if data.max_files > 0:
-        files = files[: data.max_files]
+        raise ConfigError(f"{key}: no files match {path!r}; check the path or glob")
+    if max_files > 0:
+        files = files[:max_files]
     return files
 
 
@@ -45,15 +83,26 @@ class _WarnOnce:
     def __init__(self, what: str) -> None:
         self._what = what
         self._seen: set[object] = set()
+        self._items = 0
         self._lock = threading.Lock()  # grain reads elements from several threads
 
-    def __call__(self, key: object, message: str) -> None:
+    def __call__(self, key: object, message: str, items: int = 1) -> None:
+        """Records `items` bad items under `key` (a file, or file:line) and warns the first time `key` is seen,
+        up to MAX_WARNINGS times per source (a corpus with thousands of empty files would bury everything else)."""
         with self._lock:
             if key in self._seen:
                 return
             self._seen.add(key)
-            count = len(self._seen)
-        log.warning("%s (%d %s skipped so far)", message, count, self._what)
+            self._items += items
+            count, n = self._items, len(self._seen)
+        if n <= MAX_WARNINGS:
+            more = "; further ones are counted without a warning" if n == MAX_WARNINGS else ""
+            log.warning("%s (%d %s skipped so far%s)", message, count, self._what, more)
+
+    @property
+    def count(self) -> int:
+        """Bad items so far (a file rejected whole counts its rows)."""
+        return self._items
 
     def __getstate__(self) -> dict[str, object]:
         return {"what": self._what}
@@ -62,44 +111,149 @@ class _WarnOnce:
         self.__init__(state["what"])  # type: ignore[misc, arg-type]
 
 
+def _decode(raw: bytes, where: str, warn: _WarnOnce) -> str | None:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        warn(where, f"data: skipping {where}: not UTF-8 (byte {e.start})")
+        return None
+    return text
+
+
 class TextFileSource:
     """Each file is one document (a source file, a book, a web page): its whole text as a `str`."""
 
+    static_bad = 0
+
     def __init__(self, files: list[str]) -> None:
         self.files = list(files)
-        self._warn = _WarnOnce("non-UTF-8 files")
+        self._warn = _WarnOnce("unusable text files")
 
     def __len__(self) -> int:
         return len(self.files)
+
+    @property
+    def bad_count(self) -> int:
+        return self._warn.count
 
     def __getitem__(self, index: int) -> str | None:
         path = self.files[index]
         try:
             with open(path, "rb") as f:
-                return f.read().decode("utf-8")
-        except UnicodeDecodeError as e:
-            self._warn(path, f"data: skipping {path}: not UTF-8 (byte {e.start})")
+                raw = f.read()
         except OSError as e:
             self._warn(path, f"data: skipping {path}: {e.strerror}")
-        return None
+            return None
+        if not raw:
+            self._warn(path, f"data: skipping {path}: empty file")
+            return None
+        return _decode(raw, path, self._warn)
 
     def describe(self, index: int) -> str:
         return self.files[index]
 
 
-def _line_spans(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Byte [start, end) and 1-based line number of every non-empty line, from one vectorised newline scan."""
-    found, size = [np.zeros(0, np.int64)], 0
+class ParagraphSource:
+    """Text files as blank-line-separated documents (one paragraph, article or record per block).
+
+    The constructor reads every file once to index the byte span and first line of each block; documents are then
+    read and decoded individually, so a block with bad bytes is skipped without losing the rest of its file.
+    """
+
+    def __init__(self, files: list[str]) -> None:
+        self.files = list(files)
+        self._warn = _WarnOnce("unusable text blocks")
+        file_ids, starts, ends, lines = [], [], [], []
+        for i, path in enumerate(self.files):
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except OSError as e:
+                self._warn(path, f"data: skipping {path}: {e.strerror}")
+                continue
+            if not data.strip():
+                self._warn(path, f"data: skipping {path}: empty file")
+                continue
+            pos, line = 0, 1
+            for m in list(_PARAGRAPH_BREAK.finditer(data)) + [None]:
+                end = m.start() if m else len(data)
+                if data[pos:end].strip():
+                    file_ids.append(i), starts.append(pos), ends.append(end), lines.append(line)
+                if m:
+                    line += data.count(b"\n", pos, m.end())
+                    pos = m.end()
+        self.static_bad = self._warn.count
+        self._file_ids = np.asarray(file_ids, np.int32)
+        self._starts = np.asarray(starts, np.int64)
+        self._ends = np.asarray(ends, np.int64)
+        self._lines = np.asarray(lines, np.int64)
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    @property
+    def bad_count(self) -> int:
+        return self._warn.count
+
+    def describe(self, index: int) -> str:
+        return f"{self.files[self._file_ids[index]]}:{self._lines[index]}"
+
+    def __getitem__(self, index: int) -> str | None:
+        path = self.files[self._file_ids[index]]
+        start, end = int(self._starts[index]), int(self._ends[index])
+        with open(path, "rb") as f:
+            f.seek(start)
+            raw = f.read(end - start)
+        return _decode(raw, self.describe(index), self._warn)
+
+
+def _line_spans(path: str, lo: int = 0, hi: int = -1, line0: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Byte [start, end) and 1-based line number of every non-empty line in bytes [lo, hi) of a file (`lo` must
+    be a line start), from one vectorised newline scan."""
+    found, size = [np.zeros(0, np.int64)], lo
     with open(path, "rb") as f:
-        while block := f.read(_SCAN_BLOCK):  # blockwise, so a 100 GB file needs no 100 GB mask
+        f.seek(lo)
+        remaining = -1 if hi < 0 else hi - lo
+        while remaining != 0:
+            block = f.read(_SCAN_BLOCK if remaining < 0 else min(_SCAN_BLOCK, remaining))
+            if not block:
+                break
             found.append(np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == 10).astype(np.int64) + size)
             size += len(block)
+            remaining = remaining - len(block) if remaining > 0 else remaining
     newlines = np.concatenate(found)
-    starts = np.concatenate([[0], newlines + 1])
+    starts = np.concatenate([[lo], newlines + 1])
     ends = np.concatenate([newlines, [size]])
-    line_nos = np.arange(1, len(starts) + 1, dtype=np.int64)
+    line_nos = np.arange(line0, line0 + len(starts), dtype=np.int64)
     keep = ends > starts  # drops blank lines and the empty "line" after a trailing newline
     return starts[keep], ends[keep], line_nos[keep]
+
+
+def split_lines(path: str, target_bytes: int) -> list[Piece]:
+    """Cuts a line-oriented file into pieces of about `target_bytes`, each starting at a line start.
+
+    One sequential pass counts newlines so every piece knows its first line number (warnings name file:line).
+    """
+    pieces: list[Piece] = []
+    lo, line0, pos, line = 0, 1, 0, 1
+    with open(path, "rb") as f:
+        while block := f.read(_SCAN_BLOCK):
+            nl = np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == 10)
+            # cut after the first newline past each multiple of target_bytes from the current piece start
+            while True:
+                want = lo + target_bytes
+                k = int(np.searchsorted(nl, want - pos))
+                if k >= len(nl):
+                    break
+                cut = pos + int(nl[k]) + 1
+                pieces.append(Piece(path, lo, cut, line0))
+                line0 = line + k + 1
+                lo = cut
+            line += len(nl)
+            pos += len(block)
+    if pos > lo or not pieces:
+        pieces.append(Piece(path, lo, pos, line0))
+    return pieces
 
 
 class JsonlSource:
@@ -109,19 +263,30 @@ class JsonlSource:
     unit of shuffling and sharding: a corpus that is a single large JSONL file still spreads over all hosts.
     """
 
-    def __init__(self, files: list[str], text_field: str) -> None:
-        self.files = list(files)
+    def __init__(self, files: list[str] | list[Piece], text_field: str) -> None:
+        pieces = [p if isinstance(p, Piece) else Piece(p) for p in files]
+        self.files = [p.path for p in pieces]
         self.text_field = text_field
-        spans = [_line_spans(path) for path in self.files]
+        self._warn = _WarnOnce("bad JSONL lines")
+        spans = []
+        for p in pieces:
+            s = _line_spans(p.path, p.lo, p.hi, p.line0)
+            if not len(s[0]) and p.lo == 0:
+                self._warn(p.path, f"data: skipping {p.path}: empty file")
+            spans.append(s)
+        self.static_bad = self._warn.count
         empty = np.zeros(0, np.int64)
         self._file_ids = np.concatenate([np.full(len(s), i, np.int32) for i, (s, _, _) in enumerate(spans)] or [empty])
         self._starts = np.concatenate([s for s, _, _ in spans] or [empty])
         self._ends = np.concatenate([e for _, e, _ in spans] or [empty])
         self._line_nos = np.concatenate([n for _, _, n in spans] or [empty])
-        self._warn = _WarnOnce("bad JSONL lines")
 
     def __len__(self) -> int:
         return len(self._starts)
+
+    @property
+    def bad_count(self) -> int:
+        return self._warn.count
 
     def describe(self, index: int) -> str:
         return f"{self.files[self._file_ids[index]]}:{self._line_nos[index]}"
@@ -137,13 +302,35 @@ class JsonlSource:
         where = f"{path}:{self._line_nos[index]}"
         try:
             record = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except UnicodeDecodeError as e:
+            self._warn(where, f"data: skipping {where}: not UTF-8 ({e.reason} at byte {e.start})")
+            return None
+        except json.JSONDecodeError as e:
             self._warn(where, f"data: skipping {where}: invalid JSON ({e})")
             return None
         if not isinstance(record, dict) or not isinstance(record.get(self.text_field), str):
             self._warn(where, f"data: skipping {where}: no string field {self.text_field!r}")
             return None
         return record[self.text_field]
+
+
+def open_source(fmt: str, pieces: list[str] | list[Piece], *, text_field: str = "text",
+                text_split: str = "file") -> DocumentSource:
+    """The document source of one format over files (or pieces of files)."""
+    paths = [p.path if isinstance(p, Piece) else p for p in pieces]
+    if fmt == "text":
+        return ParagraphSource(paths) if text_split == "blank_line" else TextFileSource(paths)
+    if fmt == "jsonl":
+        return JsonlSource(pieces, text_field)
+    if fmt == "parquet":
+        from maxlm.data.records import ParquetSource
+
+        return ParquetSource(pieces, text_field)
+    if fmt == "arrayrecord":
+        from maxlm.data.records import ArrayRecordSource
+
+        return ArrayRecordSource(pieces)
+    raise ConfigError(f"data: format {fmt!r} has no file source (one of text, jsonl, parquet, arrayrecord)")
 
 
 class SyntheticSource:
@@ -155,6 +342,9 @@ class SyntheticSource:
     reserved ones. Document `i` depends only on (seed, i), which makes shuffling unnecessary and sharding and
     resumption exact.
     """
+
+    bad_count = 0
+    static_bad = 0
 
     def __init__(self, vocab_size: int, seq_len: int, seed: int) -> None:
         if vocab_size < NUM_RESERVED_IDS + 8:

@@ -19,6 +19,7 @@ import random
 import time
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import sentencepiece as spm
 
 from maxlm.config import ConfigError, expand_globs
@@ -72,6 +73,20 @@ class Tokenizer:
 
     def id_to_piece(self, i: int) -> str:
         return self._sp.id_to_piece(int(i))
+
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 bytes that each id stands for, as an int32 array of length vocab_size.
+
+        Bits per byte needs the byte count of the text behind the evaluated tokens; summing this table over token
+        ids gives it exactly for any span (a whole document, a packed chunk) without decoding: a byte-fallback piece
+        is one byte, a normal piece is its text with U+2581 read as a space, and pad/unk/bos/eos are zero.
+        """
+        table = np.zeros(self.vocab_size, np.int32)
+        for i in range(self.vocab_size):
+            if self._sp.is_control(i) or self._sp.is_unknown(i):
+                continue
+            table[i] = 1 if self._sp.is_byte(i) else len(self._sp.id_to_piece(i).replace("\u2581", " ").encode())
+        return table
 
     def __getstate__(self) -> dict[str, object]:
         return {"path": self.path, "proto": self._proto}

@@ -1,7 +1,8 @@
 """Feed-forward blocks that plug into the decoder layer, looked up by `model.ffn`.
 
 A block is a Linen module class built as `Block(cfg, name=...)` and called on `x_BTD`, returning `y_BTD`. Blocks
-that have auxiliary losses (the MoE router) `sow` them into the `aux` collection; the train step sums them.
+that have auxiliary losses (the MoE router) `sow` them, already scaled by their coefficients, into the `aux`
+collection; the train step sums them. Statistics that are only logged go to another collection (`moe`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import jax.numpy as jnp
 
 from maxlm.config import ModelConfig
 from maxlm.model.layers import compute_dtype, constrain, param
+from maxlm.model.moe import MoE
 
 
 class MLP(nn.Module):
@@ -33,4 +35,6 @@ class MLP(nn.Module):
         return jnp.einsum("btf,fd->btd", h_BTF, w_down_FD.astype(dtype))
 
 
-FFN_BLOCKS: dict[str, type[nn.Module]] = {"mlp": MLP}
+# `moe` layers of a model are chosen by ModelConfig.layer_is_moe (first_dense_layers, moe_layer_interval); the
+# other layers of an MoE model use `mlp`.
+FFN_BLOCKS: dict[str, type[nn.Module]] = {"mlp": MLP, "moe": MoE}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import flax.linen as nn
@@ -38,9 +39,81 @@ class DecoderLayer(nn.Module):
         return constrain(x_BTD, ("act_batch", "act_length", "act_embed")), None
 
 
-def layer_groups(cfg: ModelConfig) -> list[tuple[str, int]]:
-    """Consecutive runs of identical layers as (ffn block, count); each run is one scan. Dense: one run."""
-    return [(cfg.ffn, cfg.n_layers)]
+class LayerBlock(nn.Module):
+    """Consecutive layers with different feed-forward blocks (e.g. dense then MoE), scanned as one unit so that an
+    interleaved stack is still a single scan. Sub-layer j is named `sub{j}`."""
+
+    cfg: ModelConfig
+    pattern: tuple[str, ...]
+
+    @nn.compact
+    def __call__(self, x_BTD: jax.Array, segment_ids_BT: jax.Array, positions_BT: jax.Array
+                 ) -> tuple[jax.Array, None]:
+        for j, ffn in enumerate(self.pattern):
+            x_BTD, _ = DecoderLayer(self.cfg, ffn, name=f"sub{j}")(x_BTD, segment_ids_BT, positions_BT)
+        return x_BTD, None
+
+
+@dataclass(frozen=True)
+class LayerGroup:
+    """`repeats` copies of `pattern` (the ffn block of each layer in one unit), starting at layer `first`; the
+    group's parameters live under `name` with a leading `layers` axis of size `repeats` when scanned."""
+
+    name: str
+    pattern: tuple[str, ...]
+    repeats: int
+    first: int
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.pattern) * self.repeats
+
+
+def layer_kinds(cfg: ModelConfig) -> list[str]:
+    """The feed-forward block of every layer (`ModelConfig.layer_is_moe` decides which layers are MoE)."""
+    if cfg.ffn != "moe":
+        return [cfg.ffn] * cfg.n_layers
+    return ["moe" if cfg.layer_is_moe(i) else "mlp" for i in range(cfg.n_layers)]
+
+
+def layer_groups(cfg: ModelConfig) -> list[LayerGroup]:
+    """The stack as scans: dense models one group; MoE models the leading dense layers, then repeats of
+    (interval - 1 dense, 1 MoE), then a trailing partial run of dense layers. Each group is one `nn.scan` (the first
+    is named `layers`, as in a dense model, so an all-MoE stack such as Mixtral is `layers` too)."""
+    runs: list[tuple[tuple[str, ...], int]] = []
+    if cfg.ffn != "moe":
+        runs.append(((cfg.ffn,), cfg.n_layers))
+    else:
+        fd, every = cfg.first_dense_layers, cfg.moe_layer_interval
+        rest = cfg.n_layers - fd
+        runs += [(("mlp",), fd), (("mlp",) * (every - 1) + ("moe",), rest // every), (("mlp",), rest % every)]
+    groups, first = [], 0
+    for pattern, repeats in runs:
+        if repeats:
+            groups.append(LayerGroup("layers" if not groups else f"layers_group{len(groups)}", pattern, repeats, first))
+            first += len(pattern) * repeats
+    assert [k for g in groups for _ in range(g.repeats) for k in g.pattern] == layer_kinds(cfg)
+    return groups
+
+
+def layer_path(cfg: ModelConfig, i: int) -> tuple[tuple[str, ...], int | None]:
+    """Where layer i lives in the `params` (or any sown) collection: the key path of its DecoderLayer and, for a
+    scanned stack, its index along the leading `layers` axis (None when layers are not scanned)."""
+    if not cfg.scan_layers:
+        return (f"layers_{i}",), None
+    for g in layer_groups(cfg):
+        if g.first <= i < g.first + g.n_layers:
+            r, j = divmod(i - g.first, len(g.pattern))
+            return ((g.name,) if len(g.pattern) == 1 else (g.name, f"sub{j}")), r
+    raise IndexError(f"layer {i} of {cfg.n_layers}")
+
+
+def layer_subtree(cfg: ModelConfig, tree: Any, i: int) -> Any:
+    """Layer i's part of a collection (params, or sown statistics), with the scan axis indexed away."""
+    path, r = layer_path(cfg, i)
+    for k in path:
+        tree = tree[k]
+    return tree if r is None else jax.tree_util.tree_map(lambda x: x[r], tree)
 
 
 class Decoder(nn.Module):
@@ -60,22 +133,26 @@ class Decoder(nn.Module):
         embed = Embed(c, name="embed")
         x_BTD = embed(ids_BT)
 
-        first = 0
-        for g, (ffn, count) in enumerate(layer_groups(c)):
-            block = DecoderLayer
-            if c.remat != "none":
-                # prevent_cse only matters outside scan (scan already blocks CSE of the recomputation).
-                block = nn.remat(block, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
-            if c.scan_layers:
-                stack = nn.scan(block, variable_axes={"params": 0, "aux": 0}, split_rngs={"params": True},
-                                in_axes=(nn.broadcast, nn.broadcast), length=count,
-                                metadata_params={nn.PARTITION_NAME: "layers"})
-                name = "layers" if g == 0 else f"layers_group{g}"
-                x_BTD, _ = stack(c, ffn, name=name)(x_BTD, segment_ids_BT, positions_BT)
-            else:
-                for i in range(first, first + count):
-                    x_BTD, _ = block(c, ffn, name=f"layers_{i}")(x_BTD, segment_ids_BT, positions_BT)
-            first += count
+        def rematted(block: type[nn.Module]) -> type[nn.Module]:
+            # prevent_cse only matters outside scan (scan already blocks CSE of the recomputation).
+            if c.remat == "none":
+                return block
+            return nn.remat(block, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
+
+        if c.scan_layers:
+            for g in layer_groups(c):
+                # A one-layer pattern scans the DecoderLayer itself, so dense and all-MoE stacks keep the flat
+                # `layers/{attn,mlp|moe,...}` parameter layout.
+                single = len(g.pattern) == 1
+                unit = rematted(DecoderLayer if single else LayerBlock)
+                stack = nn.scan(unit, variable_axes={"params": 0, "aux": 0, "moe": 0},
+                                split_rngs={"params": True, "router": True}, in_axes=(nn.broadcast, nn.broadcast),
+                                length=g.repeats, metadata_params={nn.PARTITION_NAME: "layers"})
+                x_BTD, _ = stack(c, g.pattern[0] if single else g.pattern, name=g.name)(
+                    x_BTD, segment_ids_BT, positions_BT)
+        else:
+            for i, ffn in enumerate(layer_kinds(c)):
+                x_BTD, _ = rematted(DecoderLayer)(c, ffn, name=f"layers_{i}")(x_BTD, segment_ids_BT, positions_BT)
 
         x_BTD = RMSNorm(c, name="final_norm")(x_BTD)
         if c.tie_embeddings:

@@ -14,18 +14,15 @@ attention scores with the causal half skipped; the vocabulary projection is left
 from __future__ import annotations
 
 from maxlm.config import ModelConfig
-from maxlm.flops import attention_params, moe_layer_params, mlp_params
+from maxlm.flops import layer_matmul_params
 
 
-def non_embedding_flops_per_token(m: ModelConfig, seq_len: int, moe: tuple[int, int] | None = None) -> float:
-    """DeepSeek LLM's M (their Sec. 3.2), generalised to GQA and SwiGLU: 6 x the per-token weight-matmul parameters
-    of the layers (MoE: the active ones) + 6 L (heads x head_dim) T for the causal attention scores and values."""
+def non_embedding_flops_per_token(m: ModelConfig, seq_len: int) -> float:
+    """DeepSeek LLM's M (their Sec. 3.2), generalised to GQA, SwiGLU and MoE: 6 x the per-token weight-matmul
+    parameters of the layers (MoE: the active ones, by `maxlm.flops`) + 6 L (heads x head_dim) T for the causal
+    attention scores and values."""
     hd = m.head_dim or m.d_model // m.n_heads
-    if moe:
-        ffn = moe_layer_params(m.d_model, m.ffn_dim, moe[0], moe[1])[1]
-    else:
-        ffn = mlp_params(m.d_model, m.ffn_dim)
-    return 6.0 * m.n_layers * (attention_params(m) + ffn) + 6.0 * m.n_layers * m.n_heads * hd * seq_len
+    return 6.0 * layer_matmul_params(m) + 6.0 * m.n_layers * m.n_heads * hd * seq_len
 
 
 def deepseek_batch_tokens(c_m: float) -> float:

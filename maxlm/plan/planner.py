@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from maxlm.config import Config, ConfigError, DataConfig, MeshConfig, OptimConfig, TrainConfig
-from maxlm.flops import HARDWARE, Hardware, flops_per_token, flops_per_token_moe
+from maxlm.flops import HARDWARE, Hardware, flops_per_token
 from maxlm.plan import hparams
 from maxlm.plan.laws import DEFAULT_LAW, Law, Optimum, fixed_ratio, load_law, optimum
 from maxlm.plan.memory import REMAT_POLICIES, MeshChoice, choose_mesh
@@ -177,11 +177,7 @@ def _allocate(req: PlanRequest, law: Law, compute: float) -> _Allocation:
     opt = fixed_ratio(law, compute, req.tokens_per_param) if req.tokens_per_param else optimum(law, compute)
     moe = MoESpec(*req.moe) if req.moe else None
     shape = search_shape(opt.n, req.vocab, counts=law.params, moe=moe, head_dim=req.head_dim, kv_heads=req.kv_heads)
-    m = shape.model
-    if moe:
-        fpt = flops_per_token_moe(m, req.seq_len, moe.num_experts, moe.experts_per_token)
-    else:
-        fpt = flops_per_token(m, req.seq_len)
+    fpt = flops_per_token(shape.model, req.seq_len)  # the model carries its MoE fields: active params count
     return _Allocation(opt, shape, compute / (6.0 * shape.law_params), fpt)
 
 
@@ -207,8 +203,7 @@ def make_plan(req: PlanRequest) -> Plan:
                      f"= {hw_flops:.3g} counted FLOPs = {compute:.3g} in the law's 6ND units")
     shape = alloc.shape
     m = shape.model
-    moe = (shape.moe.num_experts, shape.moe.experts_per_token) if shape.moe else None
-    c_m = hparams.non_embedding_flops_per_token(m, req.seq_len, moe) * alloc.tokens
+    c_m = hparams.non_embedding_flops_per_token(m, req.seq_len) * alloc.tokens
     b_opt = hparams.deepseek_batch_tokens(c_m)
     rows = hparams.batch_rows(b_opt, req.seq_len, req.chips or DEFAULT_BATCH_MULTIPLE)
     steps = max(1, round(alloc.tokens / (rows * req.seq_len)))
@@ -232,8 +227,9 @@ def plan_to_config(plan: Plan, run_dir: str, data_path: str = "", tokenizer: str
     """A complete maxlm Config for the plan: synthetic data unless a path is given."""
     m = plan.shape.model
     if plan.shape.moe is not None:
-        raise ConfigError("--write-config with --moe needs the model config's MoE fields (the MoE issue), which this "
-                          "maxlm does not have yet; plan without --write-config, or drop --moe")
+        raise ConfigError("--write-config with --moe is not enabled yet: the planner's memory model and mesh choice "
+                          "do not place MoE experts on mesh.expert (expert parallelism); plan without --write-config, "
+                          "or drop --moe")
     remat = plan.mesh.estimate.remat if plan.mesh else ("full" if plan.request.remat == "auto" else plan.request.remat)
     model = replace(m, remat=remat)
     if data_path:

@@ -1,6 +1,6 @@
 """A concrete Llama-style decoder shape whose exact parameter count hits a target N.
 
-The count is `maxlm.flops.count_params` (or `count_params_moe`), the formula the model tests hold equal to
+The count is `maxlm.flops.count_params` (dense or MoE, from the ModelConfig's fields), the formula the model tests hold equal to
 `jax.eval_shape`, so a planned shape has exactly the parameters the plan says. The proportions follow published
 dense decoders:
 
@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass, replace
 
 from maxlm.config import ConfigError, ModelConfig
-from maxlm.flops import ParamCount, count_params, count_params_moe
+from maxlm.flops import ParamCount, count_params
 
 TOLERANCE = 0.05  # |params / N_opt - 1| allowed
 MAX_D_MODEL = 65536
@@ -57,11 +57,17 @@ class ShapeChoice:
         return self.model.d_model / self.model.n_layers
 
 
+def with_moe(m: ModelConfig, moe: MoESpec | None) -> ModelConfig:
+    """The decoder with every layer's MLP replaced by E routed experts of the dense ffn width (moe_ffn_dim 0)."""
+    if moe is None:
+        return m
+    return replace(m, ffn="moe", num_experts=moe.num_experts, experts_per_token=moe.experts_per_token,
+                   moe_ffn_dim=0, first_dense_layers=0, moe_layer_interval=1, shared_experts=0)
+
+
 def count_for(m: ModelConfig, moe: MoESpec | None) -> ParamCount:
-    """maxlm's own count of the decoder (MoE: the routed-experts variant)."""
-    if moe:
-        return count_params_moe(m, moe.num_experts, moe.experts_per_token)
-    return count_params(m)
+    """maxlm's own count of the decoder (the one `maxlm.flops.count_params`; `m` already carries `moe`)."""
+    return count_params(with_moe(m, moe))
 
 
 def law_count(pc: ParamCount, counts: str) -> int:
@@ -127,8 +133,8 @@ def search_shape(target: float, vocab_size: int, *, counts: str = "total", moe: 
         k = kv_heads or kv_heads_for(h)
         if k > h or h % k:
             continue
-        base = ModelConfig(vocab_size=vocab_size, d_model=d, n_layers=1, n_heads=h, n_kv_heads=k, head_dim=hd,
-                           ffn_dim=ffn_for(d), tie_embeddings=tie_embeddings)
+        base = with_moe(ModelConfig(vocab_size=vocab_size, d_model=d, n_layers=1, n_heads=h, n_kv_heads=k,
+                                    head_dim=hd, ffn_dim=ffn_for(d), tie_embeddings=tie_embeddings), moe)
         one = law_count(count_for(base, moe), counts)
         two = law_count(count_for(replace(base, n_layers=2), moe), counts)
         per_layer, fixed = two - one, 2 * one - two

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from maxlm.config import Config
+from maxlm.config import Config, ModelConfig
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -45,16 +45,57 @@ def weighted_token_ce(logits_BTV: jax.Array, targets_BT: jax.Array, weights_BT: 
     return loss, {"ce": ce, "z_loss": z, "accuracy": correct, "weight": total}
 
 
+def _sum_named(tree: Any, name: str) -> jax.Array:
+    """Sum of the leaves sown under `name` anywhere in a collection (every layer's `load_balance`, say)."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    hits = [x for path, x in flat if any(getattr(k, "key", None) == name for k in path)]
+    return sum_aux_losses(hits)
+
+
+def moe_metrics(cfg: ModelConfig, aux: Any, moe: Any) -> Metrics:
+    """Scalar MoE metrics from the sown `aux` and `moe` collections (empty for dense models).
+
+    Totals: `moe_load_balance` and `moe_router_z` are the scaled terms added to the loss (coef x mean over MoE
+    layers). Per MoE layer i, unscaled: `moe/layer{i}/load_balance`, `router_z`, `dropped` (fraction of
+    assignments over capacity), `min_max_load` (least over most loaded expert's tokens: 1 is perfect balance) and,
+    with `moe_expert_metrics` or DeepSeek-V3 bias balancing (which reads them), `load_e{j}`: the fraction of the
+    step's token-expert assignments that went to expert j. All scalars, so microbatches average them like the loss.
+    """
+    if cfg.ffn != "moe" or not moe:
+        return {}
+    from maxlm.model.transformer import layer_subtree
+
+    out: Metrics = {f"moe_{name}": _sum_named(aux, name) for name in ("load_balance", "router_z")}
+    per_expert = cfg.moe_expert_metrics or (cfg.router_scoring == "sigmoid" and cfg.router_bias_rate > 0)
+    for i in cfg.moe_layers:
+        (stats,) = layer_subtree(cfg, moe, i)["moe"]["stats"]
+        load_E = stats["load"]
+        prefix = f"moe/layer{i}/"
+        out |= {prefix + k: stats[k] for k in ("load_balance", "router_z", "dropped")}
+        out[prefix + "min_max_load"] = jnp.min(load_E) / jnp.maximum(jnp.max(load_E), 1e-20)
+        if per_expert:
+            out |= {f"{prefix}load_e{e}": load_E[e] for e in range(cfg.num_experts)}
+    return out
+
+
+def apply_model(cfg: Config, model: nn.Module, params: Any, batch: Batch, rng: jax.Array
+                ) -> tuple[jax.Array, jax.Array, Metrics]:
+    """The decoder on a batch: (logits, the sum of its sown auxiliary losses, its MoE metrics). `rng` drives
+    router jitter (the only randomness in the decoder); objectives built on the decoder share this one call."""
+    rngs = {"router": rng} if cfg.model.ffn == "moe" and cfg.model.router_jitter > 0 else {}
+    logits_BTV, state = model.apply({"params": params}, batch["inputs"], batch["inputs_segment_ids"],
+                                    batch["inputs_positions"], mutable=["aux", "moe"], rngs=rngs)
+    aux = state.get("aux", {})
+    return logits_BTV, sum_aux_losses(aux), moe_metrics(cfg.model, aux, state.get("moe", {}))
+
+
 def make_pretrain_loss(cfg: Config, model: nn.Module) -> LossFn:
     """Next-token prediction with per-token weights (`targets_weights`); SFT reuses it with prompts weighted 0."""
 
     def loss_fn(params: Any, batch: Batch, rng: jax.Array) -> tuple[jax.Array, Metrics]:
-        del rng  # no dropout in the decoder
-        logits_BTV, state = model.apply({"params": params}, batch["inputs"], batch["inputs_segment_ids"],
-                                        batch["inputs_positions"], mutable=["aux"])
+        logits_BTV, aux, extra = apply_model(cfg, model, params, batch, rng)
         loss, metrics = weighted_token_ce(logits_BTV, batch["targets"], batch["targets_weights"], cfg.train.z_loss)
-        aux = sum_aux_losses(state.get("aux", {}))
-        return loss + aux, metrics | {"aux_loss": aux}
+        return loss + aux, metrics | {"aux_loss": aux} | extra
 
     return loss_fn
 

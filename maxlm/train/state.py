@@ -20,9 +20,15 @@ from maxlm.model import Decoder
 
 @flax.struct.dataclass
 class TrainState:
+    """Everything the jitted step reads and writes. The two counters live on device so that the non-finite guard
+    needs no host round-trip: `nonfinite_run` is the current streak of skipped (NaN/Inf) steps, which the loop
+    compares with `train.max_nonfinite_steps`; `nonfinite_total` is logged."""
+
     step: jax.Array
     params: Any
     opt_state: Any
+    nonfinite_run: jax.Array
+    nonfinite_total: jax.Array
 
 
 @dataclass
@@ -49,8 +55,11 @@ def state_layout(cfg: Config, model: Decoder, tx: optax.GradientTransformation, 
     check_divisible(abstract_params, param_sh, mesh)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     opt_sh = opt_state_shardings(tx, abstract_opt, param_sh, mesh)
-    abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params, opt_state=abstract_opt)
-    shardings = TrainState(step=replicated(mesh), params=param_sh, opt_state=opt_sh)
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    abstract = TrainState(step=scalar, params=abstract_params, opt_state=abstract_opt, nonfinite_run=scalar,
+                          nonfinite_total=scalar)
+    shardings = TrainState(step=replicated(mesh), params=param_sh, opt_state=opt_sh, nonfinite_run=replicated(mesh),
+                           nonfinite_total=replicated(mesh))
     return StateLayout(abstract=abstract, logical=logical, shardings=shardings)
 
 
@@ -60,7 +69,21 @@ def init_state(cfg: Config, model: Decoder, tx: optax.GradientTransformation, la
 
     def init(r: jax.Array) -> TrainState:
         params = nn.unbox(_init_params(model, r, cfg.data.seq_len))
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+        return _fresh_state(params, tx)
 
     with mesh_context(mesh, rules):
         return jax.jit(init, out_shardings=layout.shardings)(rng)
+
+
+def init_state_from_params(params: Any, tx: optax.GradientTransformation, layout: StateLayout, mesh: Mesh,
+                           rules: LogicalRules) -> TrainState:
+    """Step 0 around given (already sharded) parameters, e.g. `load_parameters_from`: the optimizer state is built
+    on its shards from them, so the random initialisation never has to exist beside the loaded weights."""
+    with mesh_context(mesh, rules):
+        return jax.jit(lambda p: _fresh_state(p, tx), in_shardings=(layout.shardings.params,),
+                       out_shardings=layout.shardings)(params)
+
+
+def _fresh_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(step=zero, params=params, opt_state=tx.init(params), nonfinite_run=zero, nonfinite_total=zero)

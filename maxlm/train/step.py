@@ -5,6 +5,12 @@ global batch goes to microbatch r % k, so every device holds rows of every micro
 contiguous blocks would put a whole microbatch on a fraction of the devices). Each loss is a mean over its own
 weighted units and reports their count as metrics["weight"]; the step combines microbatches as
 sum_i w_i * loss_i / sum_i w_i (and the same for gradients), which equals the loss of the whole batch at once.
+
+Non-finite guard: a step whose loss, gradient norm or update norm is NaN/Inf keeps the parameters and optimizer state
+exactly as they were (a select over the tree, decided on device: no host round-trip), and the step counts it in
+`state.nonfinite_run` (the current streak, which the loop compares with `train.max_nonfinite_steps`) and
+`state.nonfinite_total`. The step counter still advances, because the batch was consumed: a resumed run then
+reads the same data as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -64,6 +70,12 @@ def grads_and_metrics(loss_fn: LossFn, params: Any, batch: Batch, rng: jax.Array
     return grads, metrics
 
 
+def keep_if_finite(finite: jax.Array, new: Any, old: Any) -> Any:
+    """`new` where the step was finite, else `old`, leaf by leaf (an elementwise select that XLA fuses and, with the
+    donated state, performs in place)."""
+    return jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule: optax.Schedule, grad_accum: int,
                     state_shardings: TrainState, batch_shard: NamedSharding, mesh: Mesh,
                     rules: LogicalRules) -> StepFn:
@@ -74,9 +86,16 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule:
         grads, metrics = grads_and_metrics(loss_fn, state.params, batch, rng, grad_accum, batch_shard)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = metrics | {"grad_norm": optax.tree.norm(grads), "lr": schedule(state.step),
-                             "param_norm": optax.tree.norm(params)}
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        grad_norm = optax.tree.norm(grads)
+        finite = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates)))
+        params, opt_state = keep_if_finite(finite, (params, opt_state), (state.params, state.opt_state))
+        skipped = 1 - finite.astype(jnp.int32)
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                               nonfinite_run=(state.nonfinite_run + 1) * skipped,
+                               nonfinite_total=state.nonfinite_total + skipped)
+        metrics = metrics | {"grad_norm": grad_norm, "lr": schedule(state.step), "param_norm": optax.tree.norm(params),
+                             "nonfinite_run": new_state.nonfinite_run, "nonfinite_steps": new_state.nonfinite_total}
+        return new_state, metrics
 
     # One sharding for the whole batch dict: every entry is [B, T] with rows over the data-parallel axes.
     jitted = jax.jit(step, in_shardings=(state_shardings, batch_shard, replicated(mesh)),

@@ -1,0 +1,85 @@
+"""Held-out evaluation: loss and bits per byte on the documents `data.eval_fraction` keeps out of training.
+
+The eval batches are read once, when the evaluator is made, and kept as global arrays, so every evaluation
+scores exactly the same tokens (curves are comparable across steps and runs with the same data config) and no
+data pipeline runs during training. Each host holds only its share of the held-out documents, like training.
+
+Bits per byte = (summed next-token cross-entropy in nats) / ln 2 / (UTF-8 bytes of the target tokens). The byte
+count comes from the tokenizer's per-id byte table (maxlm.data.tokenizer.Tokenizer.token_bytes), which sums to
+exactly `len(text.encode())` over a document's ids; it is tokenizer-independent, unlike the loss per token, so
+models with different vocabularies compare on it. Synthetic data has no bytes: only `eval_loss` is reported.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from maxlm.config import Config
+from maxlm.mesh import LogicalRules, batch_sharding, make_global_batch, mesh_context, replicated
+from maxlm.train.losses import OBJECTIVES
+
+Evaluator = Callable[[Any], dict[str, float]]
+
+
+def _token_bytes(cfg: Config) -> np.ndarray | None:
+    from maxlm.data.pipeline import tokenizer_path
+    from maxlm.data.spec import components
+    from maxlm.data.tokenizer import load_tokenizer
+
+    path = tokenizer_path(cfg.data)
+    if not any(c.needs_files for c in components(cfg.data)) or not path or not os.path.isfile(path):
+        return None
+    table = load_tokenizer(path).token_bytes()
+    return np.pad(table, (0, max(0, cfg.model.vocab_size - len(table)))).astype(np.float32)
+
+
+def make_evaluator(cfg: Config, mesh: Mesh, rules: LogicalRules, model: Any) -> Evaluator | None:
+    """`evaluate(state_or_params) -> {"loss", "bits_per_byte", "tokens"}` over `train.eval_steps` batches of the
+    held-out split (rows per batch: global_batch_size / grad_accum, i.e. one training microbatch), or None when
+    `train.eval_every` is 0. The loop logs the keys with an `eval_` prefix (eval_loss, eval_bits_per_byte).
+    Call it on every process: scoring is a collective over the global batch."""
+    if cfg.train.eval_every <= 0 or cfg.train.eval_steps <= 0:
+        return None
+    from maxlm.data.pipeline import BATCH_KEYS, build_eval_batches
+
+    n_proc = jax.process_count()
+    local = build_eval_batches(cfg.data, vocab_size=cfg.model.vocab_size, batch_size=cfg.micro_batch_size // n_proc,
+                               seed=cfg.seed, num_batches=cfg.train.eval_steps, shard_index=jax.process_index(),
+                               shard_count=n_proc)
+    table = _token_bytes(cfg)
+    sharding = batch_sharding(mesh, rules)
+    batches = []
+    for b in local:
+        b = {k: b[k] for k in BATCH_KEYS}
+        b["targets_bytes"] = (table[b["targets"]] if table is not None else np.zeros_like(b["targets_weights"])) \
+            * b["targets_weights"]
+        batches.append(make_global_batch(b, sharding))
+    loss_fn = OBJECTIVES["pretrain"](cfg, model)
+
+    def score(params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        _, metrics = loss_fn(params, {k: batch[k] for k in BATCH_KEYS}, jax.random.key(0))
+        return {"nats": metrics["ce"] * metrics["weight"], "tokens": metrics["weight"],
+                "bytes": jnp.sum(batch["targets_bytes"])}
+
+    scored = jax.jit(score, out_shardings=replicated(mesh))
+
+    def evaluate(state_or_params: Any) -> dict[str, float]:
+        params = getattr(state_or_params, "params", state_or_params)  # a TrainState or its params
+        with mesh_context(mesh, rules):
+            parts = [scored(params, b) for b in batches]
+        total = jax.device_get(jax.tree_util.tree_map(lambda *x: sum(x), *parts))
+        nats, tokens, nbytes = float(total["nats"]), float(total["tokens"]), float(total["bytes"])
+        out = {"loss": nats / max(tokens, 1.0), "tokens": tokens}
+        if table is not None and nbytes > 0:
+            out["bits_per_byte"] = nats / math.log(2) / nbytes
+        return out
+
+    return evaluate
