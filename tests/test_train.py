@@ -101,3 +101,12 @@ def test_same_seed_same_losses(tmp_path) -> None:
     a = train(tiny_config("train.steps=3", "train.log_every=1", f"run_dir={tmp_path}/a"), progress=False)
     b = train(tiny_config("train.steps=3", "train.log_every=1", f"run_dir={tmp_path}/b"), progress=False)
     assert a["losses"] == b["losses"]
+
+
+def test_eval_every_logs_eval_loss(tmp_path) -> None:
+    cfg = tiny_config("train.steps=4", "train.log_every=2", "train.eval_every=2", "train.eval_steps=2",
+                      f"run_dir={tmp_path}")
+    train(cfg, progress=False)
+    evals = [r for r in read_metrics(str(tmp_path)) if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert evals[1]["eval_loss"] < evals[0]["eval_loss"]  # the held-out batches are fixed: training lowers it

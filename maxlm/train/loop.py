@@ -33,6 +33,7 @@ from maxlm.flops import HARDWARE, Hardware, detect_hardware, flops_per_token
 from maxlm.mesh import batch_sharding, build_mesh, logical_rules, make_global_batch
 from maxlm.model import Decoder
 from maxlm.train.checkpoint import Checkpointer, TrainingError, load_parameters
+from maxlm.train.evaluate import make_evaluator
 from maxlm.train.losses import OBJECTIVES
 from maxlm.train.metrics import MetricsWriter
 from maxlm.train.optimizer import make_optimizer
@@ -124,7 +125,8 @@ def build_run(cfg: Config, *, resume: bool = False) -> Run:
     return Run(cfg=cfg, mesh=mesh, rules=rules, model=model, layout=layout, state=state, step_fn=step_fn,
                batches=batches, data_iter=data_iter, hardware=resolve_hardware(cfg),
                flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len), rng=rng, checkpointer=checkpointer,
-               resumed_from=restored.step if restored else None)
+               resumed_from=restored.step if restored else None,
+               evaluate=make_evaluator(cfg, mesh, rules, model))  # None unless train.eval_every > 0
 
 
 def throughput(run: Run, step_s: float) -> dict[str, float | None]:
