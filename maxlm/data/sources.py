@@ -153,7 +153,35 @@ class TextFileSource:
         return self.files[index]
 
 
-class ParagraphSource:
+class _SpanSource:
+    """Documents that are byte spans inside files, indexed once by the subclass's constructor (which sets
+    `files`, `_warn`, `_file_ids`, `_starts`, `_ends`, `_line_nos`); each document is read on its own."""
+
+    files: list[str]
+    _warn: _WarnOnce
+    _file_ids: np.ndarray
+    _starts: np.ndarray
+    _ends: np.ndarray
+    _line_nos: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    @property
+    def bad_count(self) -> int:
+        return self._warn.count
+
+    def describe(self, index: int) -> str:
+        return f"{self.files[self._file_ids[index]]}:{self._line_nos[index]}"
+
+    def _read_span(self, index: int) -> bytes:
+        start, end = int(self._starts[index]), int(self._ends[index])
+        with open(self.files[self._file_ids[index]], "rb") as f:
+            f.seek(start)
+            return f.read(end - start)
+
+
+class ParagraphSource(_SpanSource):
     """Text files as blank-line-separated documents (one paragraph, article or record per block).
 
     The constructor reads every file once to index the byte span and first line of each block; documents are then
@@ -186,25 +214,10 @@ class ParagraphSource:
         self._file_ids = np.asarray(file_ids, np.int32)
         self._starts = np.asarray(starts, np.int64)
         self._ends = np.asarray(ends, np.int64)
-        self._lines = np.asarray(lines, np.int64)
-
-    def __len__(self) -> int:
-        return len(self._starts)
-
-    @property
-    def bad_count(self) -> int:
-        return self._warn.count
-
-    def describe(self, index: int) -> str:
-        return f"{self.files[self._file_ids[index]]}:{self._lines[index]}"
+        self._line_nos = np.asarray(lines, np.int64)
 
     def __getitem__(self, index: int) -> str | None:
-        path = self.files[self._file_ids[index]]
-        start, end = int(self._starts[index]), int(self._ends[index])
-        with open(path, "rb") as f:
-            f.seek(start)
-            raw = f.read(end - start)
-        return _decode(raw, self.describe(index), self._warn)
+        return _decode(self._read_span(index), self.describe(index), self._warn)
 
 
 def _line_spans(path: str, lo: int = 0, hi: int = -1, line0: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -256,7 +269,7 @@ def split_lines(path: str, target_bytes: int) -> list[Piece]:
     return pieces
 
 
-class JsonlSource:
+class JsonlSource(_SpanSource):
     """Each line of each JSONL file is one document, its text in `text_field`.
 
     The constructor indexes line offsets of every file (one sequential scan) so that documents, not files, are the
@@ -281,25 +294,11 @@ class JsonlSource:
         self._ends = np.concatenate([e for _, e, _ in spans] or [empty])
         self._line_nos = np.concatenate([n for _, _, n in spans] or [empty])
 
-    def __len__(self) -> int:
-        return len(self._starts)
-
-    @property
-    def bad_count(self) -> int:
-        return self._warn.count
-
-    def describe(self, index: int) -> str:
-        return f"{self.files[self._file_ids[index]]}:{self._line_nos[index]}"
-
     def __getitem__(self, index: int) -> str | None:
-        path = self.files[self._file_ids[index]]
-        start, end = int(self._starts[index]), int(self._ends[index])
-        with open(path, "rb") as f:
-            f.seek(start)
-            raw = f.read(end - start)
+        raw = self._read_span(index)
         if not raw.strip():
             return None  # blank line: not a document, not an error
-        where = f"{path}:{self._line_nos[index]}"
+        where = self.describe(index)
         try:
             record = json.loads(raw)
         except UnicodeDecodeError as e:
