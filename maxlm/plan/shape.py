@@ -1,8 +1,8 @@
 """A concrete Llama-style decoder shape whose exact parameter count hits a target N.
 
-The count is `maxlm.flops.count_params` (dense or MoE, from the ModelConfig's fields), the formula the model tests hold equal to
-`jax.eval_shape`, so a planned shape has exactly the parameters the plan says. The proportions follow published
-dense decoders:
+The count is `maxlm.flops.count_params` (dense or MoE, from the ModelConfig's fields), the formula the model
+tests hold equal to `jax.eval_shape`, so a planned shape has exactly the parameters the plan says. The proportions
+follow published dense decoders:
 
 - d_model a multiple of 128; head_dim 64 below d_model 2048, 128 from there (Llama 2/3 use 128 at >= 4096; the
   1-2B Llama 3.2 / TinyLlama use 64 at 2048; we switch at 2048 so that every >=2B plan has 128);
