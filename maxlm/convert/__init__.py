@@ -1,4 +1,4 @@
-"""Hugging Face <-> maxlm conversion: architecture tables (llama.py) over generic, one-tensor-at-a-time I/O.
+"""Hugging Face <-> maxlm conversion: architecture tables (llama.py, mixtral.py) over generic, one-tensor-at-a-time I/O.
 
 Modules: `mapping` (the table vocabulary), `llama` (the Llama table), `hf` (the registry and the operations),
 `layout` (units: per-layer tensors, independent of scanned/unscanned layouts), `params_store` (maxlm checkpoint

@@ -1,4 +1,4 @@
-"""Hugging Face <-> maxlm, generic over architecture tables (llama.py; add Mixtral as mixtral.py + ARCHITECTURES).
+"""Hugging Face <-> maxlm, generic over architecture tables (llama.py, mixtral.py; a new one goes in ARCHITECTURES).
 
     from_hf(HF_DIR, OUT)      safetensors + config.json -> a maxlm checkpoint directory (OUT/0/{params,meta})
     to_hf(CKPT, HF_DIR)       a maxlm checkpoint (any step, scanned or not) -> safetensors + config.json
@@ -28,11 +28,12 @@ from maxlm.config import Config, ConfigError, ModelConfig, check_static, load_co
 from maxlm.convert.layout import Unit, assemble_params, param_leaves, unit_name
 from maxlm.convert.llama import LLAMA
 from maxlm.convert.mapping import REQUIRED, Architecture, TensorMap
+from maxlm.convert.mixtral import MIXTRAL
 from maxlm.convert.params_store import CheckpointUnitSource, ParamsWriter
 from maxlm.convert.safetensors_io import PlannedTensor, SafetensorsReader, SafetensorsWriter
 from maxlm.train.checkpoint import ITEM_META, META_FILE, make_meta, read_meta, resolve_step_dir
 
-ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (LLAMA,)}
+ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (LLAMA, MIXTRAL)}
 CONFIG_FILE = "config.json"
 BLOCK_BYTES = 64 * 2**20  # tensors larger than this (embeddings, LM heads) convert in row blocks
 
@@ -62,8 +63,11 @@ def architecture_for(cfg: ModelConfig) -> Architecture:
     for arch in ARCHITECTURES.values():
         if arch.matches(cfg):
             return arch
-    raise ConfigError(f"no Hugging Face architecture matches this model (model.ffn={cfg.ffn!r}); maxlm exports "
-                      f"{', '.join(sorted(ARCHITECTURES))}")
+    # Name what each architecture would need, so that e.g. a sigmoid-routed MoE does not read as an `ffn` problem.
+    needs = "; ".join(f"{a.model_type} needs " + ", ".join(f"model.{k}={v!r} (here {getattr(cfg, k)!r})"
+                                                           for k, v in a.fixed.items() if getattr(cfg, k) != v)
+                      for a in sorted(ARCHITECTURES.values(), key=lambda a: a.model_type))
+    raise ConfigError(f"no Hugging Face architecture matches this model: {needs}")
 
 
 def model_fields_from_hf(hf: dict[str, Any], where: str) -> tuple[Architecture, dict[str, Any]]:
@@ -108,7 +112,8 @@ def hf_config_from_model(cfg: ModelConfig, *, max_position_embeddings: int, dtyp
 def _compare_model(hf: dict[str, Any], cfg: ModelConfig, where: str, hf_dir: str) -> None:
     """One line naming every config.json value that disagrees with the run's model config."""
     arch, fields = model_fields_from_hf(hf, where)
-    effective = dataclasses.replace(cfg, head_dim=cfg.head_dim or cfg.d_model // cfg.n_heads)
+    effective = dataclasses.replace(cfg, head_dim=cfg.head_dim or cfg.d_model // cfg.n_heads,
+                                    moe_ffn_dim=cfg.moe_ffn_dim or cfg.ffn_dim)
     hf_name = {k.field: k.hf for k in arch.config_keys}
     diffs = [f"{hf_name.get(k, k)}={v!r} there but model.{k}={getattr(effective, k)!r} here"
              for k, v in fields.items() if getattr(effective, k) != v]

@@ -1,6 +1,6 @@
 """The vocabulary of architecture tables: how config.json keys and tensor names map to maxlm.
 
-An architecture (llama.py; Mixtral next) is data: a list of `ConfigKey`s, a list of `TensorMap`s and the maxlm
+An architecture (llama.py, mixtral.py) is data: a list of `ConfigKey`s, a list of `TensorMap`s and the maxlm
 options it fixes. The generic code in hf.py does everything else (reading, writing, stacking layers, experts,
 shape checks), so adding an architecture means writing its table, not new conversion code.
 """
