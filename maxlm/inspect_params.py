@@ -6,6 +6,7 @@ for any device count, without devices or memory.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -33,7 +34,8 @@ def _per_device(shape: tuple[int, ...], spec: Any, mesh_shape: dict[str, int]) -
 def inspect_config(cfg: Config, num_devices: int) -> dict[str, Any]:
     mesh_shape = validate(cfg, num_devices)
     rules = logical_rules(cfg)
-    boxed = abstract_params(cfg.model)
+    # Shapes do not depend on the attention kernel; xla traces anywhere (cuDNN's checks need a GPU present).
+    boxed = abstract_params(dataclasses.replace(cfg.model, attention="xla"))
     logical = nn.get_partition_spec(boxed)
     params = nn.unbox(boxed)
     rows: dict[str, Any] = {}

@@ -82,3 +82,10 @@ def test_mesh_auto_fill() -> None:
                                                       "mesh.dcn_data=2"])
     shape = validate(multi, 8)
     assert (shape["data"], shape["fsdp"], shape["tensor"], shape["ici_fsdp"]) == (2, 2, 2, 2)
+
+
+def test_cudnn_attention_without_a_gpu_fails_before_compiling() -> None:
+    from maxlm.train.loop import build_run
+
+    with pytest.raises(ConfigError, match="model.attention=cudnn needs an NVIDIA GPU"):
+        build_run(load_config(resolve_config_path("tiny"), ["model.attention=cudnn"]))

@@ -378,3 +378,37 @@ def test_router_bias_update_moves_load_towards_balance() -> None:
     assert float(out["layers"]["moe"]["router"][0, 0, 0]) == float(moved["layers"]["moe"]["router"][0, 0, 0])
     softmax = dataclasses.replace(m, router_scoring="softmax")
     assert router_bias_update(softmax, params, moved, metrics) is moved
+
+
+def test_train_step_applies_router_bias_balancing() -> None:
+    """`maxlm train`'s step (built by build_run) moves each sigmoid-router bias by exactly gamma * sign(1/E - load)
+    per step, from the step's own loads, and leaves softmax routers without a hook."""
+    from maxlm.train.loop import build_run
+
+    rate = 0.01
+    cfg = load_config(resolve_config_path("tiny-moe"), ["model.router_scoring=sigmoid",
+                                                        f"model.router_bias_rate={rate}",
+                                                        "model.moe_expert_metrics=false", "train.steps=3"])
+    run = build_run(cfg)
+    state = run.state
+    for _ in range(3):
+        before = np.asarray(jax.device_get(state.params["layers"]["moe"]["router_bias"]))
+        state, metrics = run.step_fn(state, next(run.batches), jax.random.key(0))
+    after = np.asarray(jax.device_get(state.params["layers"]["moe"]["router_bias"]))
+    loads = np.array([[float(metrics[f"moe/layer{i}/load_e{e}"]) for e in range(8)] for i in (0, 1)])
+    np.testing.assert_allclose(after - before, rate * np.sign(1 / 8 - loads), atol=1e-6)
+    assert np.any(after != 0)
+
+
+def test_eval_runs_without_router_jitter() -> None:
+    """Held-out loss is a property of the weights: router jitter (training noise) must not reach the evaluator."""
+    from maxlm.train.evaluate import make_evaluator
+
+    def eval_loss(jitter: float) -> float:
+        cfg = load_config(resolve_config_path("tiny-moe"), [f"model.router_jitter={jitter}", "train.eval_every=1",
+                                                            "train.eval_steps=1"])
+        mesh, rules = build_mesh(cfg), logical_rules(cfg)
+        evaluate = make_evaluator(cfg, mesh, rules, Decoder(cfg.model))
+        return evaluate(_model_params(cfg.model))["loss"]
+
+    assert eval_loss(0.5) == eval_loss(0.0)

@@ -395,6 +395,11 @@ class MoE(nn.Module):
 # DeepSeek-V3 auxiliary-loss-free balancing: a bias update that is not a gradient step
 
 
+def uses_router_bias(cfg: ModelConfig) -> bool:
+    """Whether the model balances its experts with DeepSeek-V3's selection bias (so the step must update it)."""
+    return cfg.ffn == "moe" and cfg.router_scoring == "sigmoid" and cfg.router_bias_rate != 0
+
+
 def router_bias_update(cfg: ModelConfig, old_params: Any, new_params: Any, metrics: dict[str, Any]) -> Any:
     """`new_params` with every MoE layer's `router_bias` set to old + gamma * sign(mean load - load_e).
 
@@ -404,7 +409,7 @@ def router_bias_update(cfg: ModelConfig, old_params: Any, new_params: Any, metri
     `old_params` undoes whatever the optimizer did to the bias (its gradient is 0, but weight decay is not).
     A no-op for softmax routers or gamma = 0.
     """
-    if cfg.ffn != "moe" or cfg.router_scoring != "sigmoid" or cfg.router_bias_rate == 0:
+    if not uses_router_bias(cfg):
         return new_params
     from maxlm.model.transformer import layer_path  # deferred: transformer imports this module through ffn
 

@@ -12,6 +12,7 @@ models with different vocabularies compare on it. Synthetic data has no bytes: o
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Callable
@@ -62,7 +63,9 @@ def make_evaluator(cfg: Config, mesh: Mesh, rules: LogicalRules, model: Any) -> 
         b["targets_bytes"] = (table[b["targets"]] if table is not None else np.zeros_like(b["targets_weights"])) \
             * b["targets_weights"]
         batches.append(make_global_batch(b, sharding))
-    loss_fn = OBJECTIVES["pretrain"](cfg, model)
+    # Router jitter is training noise: without it (no "router" rng reaches the model) eval is deterministic.
+    no_jitter = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, router_jitter=0.0))
+    loss_fn = OBJECTIVES["pretrain"](no_jitter, model)
 
     def score(params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         _, metrics = loss_fn(params, {k: batch[k] for k in BATCH_KEYS}, jax.random.key(0))

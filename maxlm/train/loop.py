@@ -23,15 +23,17 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, Iterator
 
 import jax
 from tqdm import tqdm
 
-from maxlm.config import Config, config_to_yaml, validate
+from maxlm.config import Config, ConfigError, config_to_yaml, validate
 from maxlm.flops import HARDWARE, Hardware, detect_hardware, flops_per_token
 from maxlm.mesh import batch_sharding, build_mesh, logical_rules, make_global_batch
 from maxlm.model import Decoder
+from maxlm.model.moe import router_bias_update, uses_router_bias
 from maxlm.train.checkpoint import Checkpointer, TrainingError, load_parameters
 from maxlm.train.evaluate import make_evaluator
 from maxlm.train.losses import OBJECTIVES
@@ -91,6 +93,9 @@ def build_run(cfg: Config, *, resume: bool = False) -> Run:
     """Validates, builds the mesh, model, step and data, then the state: with `resume`, from the newest readable
     checkpoint in `checkpoint.dir` when there is one; else from `load_parameters_from` or a fresh init."""
     validate(cfg, jax.device_count())
+    if cfg.model.attention == "cudnn" and jax.default_backend() != "gpu":
+        raise ConfigError(f"model.attention=cudnn needs an NVIDIA GPU (this backend is {jax.default_backend()}); "
+                          f"use model.attention=auto (cuDNN on GPU, XLA elsewhere) or xla")
     enable_compile_cache(cfg.train.compile_cache_dir)
     from maxlm.data.pipeline import build_dataset  # grain is imported only when data is needed
 
@@ -104,7 +109,9 @@ def build_run(cfg: Config, *, resume: bool = False) -> Run:
     layout = state_layout(cfg, model, tx, mesh, rules)
     loss_fn = OBJECTIVES[cfg.train.objective](cfg, model)
     bsh = batch_sharding(mesh, rules)
-    step_fn = make_train_step(loss_fn, tx, schedule, cfg.train.grad_accum, layout.shardings, bsh, mesh, rules)
+    hook = partial(router_bias_update, cfg.model) if uses_router_bias(cfg.model) else None
+    step_fn = make_train_step(loss_fn, tx, schedule, cfg.train.grad_accum, layout.shardings, bsh, mesh, rules,
+                              param_hook=hook)
     data_iter = iter(dataset)
     rng = jax.random.key(cfg.seed + 1)
     checkpointer = Checkpointer(cfg, mesh) if resume else None

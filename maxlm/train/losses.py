@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from maxlm.config import Config, ModelConfig
+from maxlm.model.moe import uses_router_bias
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -66,7 +67,7 @@ def moe_metrics(cfg: ModelConfig, aux: Any, moe: Any) -> Metrics:
     from maxlm.model.transformer import layer_subtree
 
     out: Metrics = {f"moe_{name}": _sum_named(aux, name) for name in ("load_balance", "router_z")}
-    per_expert = cfg.moe_expert_metrics or (cfg.router_scoring == "sigmoid" and cfg.router_bias_rate > 0)
+    per_expert = cfg.moe_expert_metrics or uses_router_bias(cfg)
     for i in cfg.moe_layers:
         (stats,) = layer_subtree(cfg, moe, i)["moe"]["stats"]
         load_E = stats["load"]

@@ -27,6 +27,9 @@ from maxlm.train.losses import Batch, LossFn, Metrics
 from maxlm.train.state import TrainState
 
 StepFn = Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]
+# (params before the step, params after the optimizer, the step's metrics) -> params: a non-gradient update
+# applied inside the jitted step, e.g. DeepSeek-V3's router-bias balancing (maxlm.model.moe.router_bias_update).
+ParamHook = Callable[[Any, Any, Metrics], Any]
 
 
 def _split_microbatches(batch: Batch, k: int, sharding: NamedSharding) -> Batch:
@@ -78,7 +81,7 @@ def keep_if_finite(finite: jax.Array, new: Any, old: Any) -> Any:
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule: optax.Schedule, grad_accum: int,
                     state_shardings: TrainState, batch_shard: NamedSharding, mesh: Mesh,
-                    rules: LogicalRules) -> StepFn:
+                    rules: LogicalRules, param_hook: ParamHook | None = None) -> StepFn:
     """Compiles `step(state, batch, rng) -> (state, metrics)` with explicit shardings and a donated state."""
 
     def step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, Metrics]:
@@ -86,6 +89,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule:
         grads, metrics = grads_and_metrics(loss_fn, state.params, batch, rng, grad_accum, batch_shard)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        if param_hook is not None:
+            params = param_hook(state.params, params, metrics)
         grad_norm = optax.tree.norm(grads)
         finite = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates)))
         params, opt_state = keep_if_finite(finite, (params, opt_state), (state.params, state.opt_state))
