@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -15,12 +16,13 @@ import yaml
 
 from maxlm.config import ConfigError, load_config, validate
 from maxlm.config import ModelConfig
-from maxlm.flops import count_params, flops_per_token
+from maxlm.flops import count_params, flops_per_token, mlp_params, moe_params
 from maxlm.plan import hparams
 from maxlm.plan.cli import main
 from maxlm.plan.fit import RunPoint, derived, fit_isoflop, fit_parametric, fit_report, read_inputs
 from maxlm.plan.laws import BUILTIN_LAWS, law_from_dict, load_law, numeric_optimum, optimum
-from maxlm.plan.memory import REMAT_POLICIES, choose_mesh, estimate_memory
+from maxlm.plan.memory import (PARAM_BYTES, REMAT_POLICIES, STATE_BYTES_PER_PARAM, USABLE_HBM_FRACTION, choose_mesh,
+                               estimate_memory, mesh_candidates, routed_expert_params)
 from maxlm.plan.planner import PlanRequest, make_plan, plan_to_config
 from maxlm.plan.shape import TOLERANCE, ffn_for, search_shape
 
@@ -212,6 +214,71 @@ def test_mesh_choice_fits_validates_and_warns() -> None:
     assert auto.mesh.fits and auto.mesh.estimate.remat == "none"
 
 
+def test_moe_memory_splits_routed_experts_over_expert() -> None:
+    """State per chip = 16 B x (N_dense / (fsdp x tensor) + N_routed / (expert x fsdp x tensor)): going from expert=1
+    to expert=k saves exactly the routed experts' (1 - 1/k) share; dense plans never see an expert axis."""
+    plan = make_plan(PlanRequest(compute=1e21, moe=(8, 2)))
+    m, pc, moe = plan.shape.model, plan.shape.count, plan.shape.moe
+    routed, routed_layer = routed_expert_params(m)
+    assert routed_layer == 8 * mlp_params(m.d_model, m.ffn_dim) == moe_params(m)[0] - m.d_model * 8  # minus router
+    assert routed == m.n_layers * routed_layer and 0.9 * pc.total < routed < pc.total
+    kw = dict(micro_rows=4, data=1, fsdp=2, tensor=2, grad_accum=1, remat="full", flash=True)
+    one = estimate_memory(m, moe, pc, 4096, expert=1, **kw)
+    assert one == estimate_memory(m, moe, pc, 4096, **kw)  # expert defaults to 1
+    assert one.params == pytest.approx(pc.total * PARAM_BYTES / 4)  # expert=1: plain fsdp x tensor, as for dense
+    for k in (2, 4, 8):
+        ek = estimate_memory(m, moe, pc, 4096, expert=k, **kw)
+        state = lambda e: e.params + e.grads + e.optimizer  # noqa: E731
+        assert state(one) - state(ek) == pytest.approx(STATE_BYTES_PER_PARAM * routed * (1 - 1 / k) / 4)
+        assert ek.params == pytest.approx(((pc.total - routed) + routed / k) * PARAM_BYTES / 4)
+        # the gathered layer holds only the local experts: bf16 x 2 copies (fsdp > 1) + f32 grads, over tensor
+        assert one.workspace - ek.workspace == pytest.approx(routed_layer * (1 - 1 / k) * (2 * 2 + 4) / 2)
+        assert ek.activations > one.activations  # the dropless exchange pads to expert x K rows per token
+    dense = make_plan(PlanRequest(compute=1e21))
+    assert {e for e, _, _ in mesh_candidates(dense.shape.model, 64)} == {1}
+    assert {e for e, _, _ in mesh_candidates(m, 64, 8)} == {1, 2, 4, 8}
+
+
+def test_moe_written_config_builds_with_the_planned_expert_sharding(tmp_path) -> None:
+    """A tiny MoE plan on 8 chips of a (pretend) ~50 MB HBM, one row per chip: unsharded state does not fit, and the
+    least sharding that does puts the 4 experts on expert=2 (expert before fsdp at equal sharding). The written
+    config loads, validates on the 8 CPU devices, builds the planned parameter count, and the real shardings of
+    its parameters hold exactly the planned bytes per chip (fsdp = tensor = 1: the router and norms are unsplit
+    in both)."""
+    import flax.linen as nn
+    import jax
+    from jax.sharding import NamedSharding
+
+    from maxlm.config import config_to_yaml
+    from maxlm.mesh import build_mesh, check_divisible, logical_rules, logical_specs, to_mesh_shardings
+    from maxlm.model import count_params_eval_shape
+    from maxlm.model.transformer import abstract_params
+
+    plan = make_plan(PlanRequest(compute=1e15, moe=(4, 2), vocab=256, seq_len=64, hardware="h100", chips=8))
+    m, pc, moe = plan.shape.model, plan.shape.count, plan.shape.moe
+    unsharded = estimate_memory(m, moe, pc, 64, micro_rows=1, data=8, fsdp=1, tensor=1, grad_accum=1, remat="full",
+                                flash=True)
+    hbm = 0.75 * unsharded.total / USABLE_HBM_FRACTION
+    choice = choose_mesh(m, moe, pc, 64, global_rows=8, chips=8, hbm_bytes=hbm, remat="full")
+    e = choice.estimate
+    assert choice.fits and (e.expert, e.fsdp, e.tensor, e.data) == (2, 1, 1, 4)
+    small = dataclasses.replace(plan, rows=8, mesh=choice)
+    path = tmp_path / "moe.yml"
+    path.write_text(config_to_yaml(plan_to_config(small, str(tmp_path / "run"))))
+    cfg = load_config(str(path))
+    assert cfg.model.ffn == "moe" and cfg.model.num_experts == 4 and cfg.model.experts_per_token == 2
+    assert validate(cfg, 8)["expert"] == 2 and cfg.train.global_batch_size == 8
+    assert count_params_eval_shape(cfg.model) == count_params(cfg.model).total == plan.shape.count.total
+    abstract = abstract_params(cfg.model)
+    mesh = build_mesh(cfg)
+    shardings = to_mesh_shardings(logical_specs(abstract), mesh, logical_rules(cfg))
+    check_divisible(nn.unbox(abstract), shardings, mesh)
+    leaves = jax.tree_util.tree_leaves(nn.unbox(abstract))
+    specs = jax.tree_util.tree_leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    per_chip_params = sum(math.prod(sh.shard_shape(x.shape)) for x, sh in zip(leaves, specs, strict=True))
+    assert per_chip_params * PARAM_BYTES == e.params
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Fitting
 
@@ -316,6 +383,31 @@ def test_cli_plan_json_and_table(capsys) -> None:
     assert "N_opt" in text and "wall-clock" in text and "experts" in text
 
 
+def test_cli_write_config_moe_places_experts_on_the_expert_axis(tmp_path, capsys) -> None:
+    """`--moe 8,2 --write-config` on 64 H100s: 9.9B parameters (9.3B of them routed experts) need 16 x 9.9B bytes
+    of f32 state + Adam unsharded, so the mesh must shard; at the least sharding that fits (4) the experts go on
+    `expert` first. The YAML loads and validates on 64 devices with the planned count and mesh."""
+    path = str(tmp_path / "moe.yml")
+    argv = ["--compute", "1e21", "--moe", "8,2", "--hardware", "h100", "--chips", "64"]
+    assert main(argv + ["--write-config", path, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    plan = make_plan(PlanRequest(compute=1e21, moe=(8, 2), hardware="h100", chips=64))
+    cfg = load_config(path)
+    shape = validate(cfg, 64)
+    m = cfg.model
+    assert m.ffn == "moe" and m.num_experts == 8 and m.experts_per_token == 2 and m.capacity_factor == 0
+    assert 1 < cfg.mesh.expert and 8 % cfg.mesh.expert == 0 and shape["expert"] == cfg.mesh.expert
+    e = plan.mesh.estimate
+    assert plan.mesh.fits and (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.expert) == (
+        e.data, e.fsdp, e.tensor, e.expert)
+    assert e.data * e.fsdp * e.tensor * e.expert == 64 and cfg.train.grad_accum == e.grad_accum
+    assert count_params(m).total == plan.shape.count.total == out["params"]["total"]
+    assert out["memory"]["expert"] == e.expert
+    assert STATE_BYTES_PER_PARAM * plan.shape.count.total > plan.mesh.usable_bytes  # must shard at all
+    assert main(argv) == 0
+    assert f"expert={e.expert} ({8 // e.expert} experts per chip)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv,msg", [
     (["--compute", "1e21", "--days", "3", "--hardware", "h100", "--chips", "8"], "one way"),
     (["--days", "3"], "--days needs"),
@@ -325,7 +417,6 @@ def test_cli_plan_json_and_table(capsys) -> None:
     (["--compute", "1e21", "--mfu", "1.5"], "--mfu"),
     (["--compute", "x"], "invalid float"),
     (["--compute", "1e21", "--law", "nope"], "neither a built-in law"),
-    (["--compute", "1e21", "--moe", "8,2", "--write-config", "/tmp/maxlm_moe.yml"], "MoE"),
     (["sweep", "--budgets", "1e17", "--points", "2"], "--points"),
     (["fit"], "required"),
 ])

@@ -1,12 +1,19 @@
-"""Peak memory per chip for a training step, and the smallest fsdp x tensor mesh that fits it.
+"""Peak memory per chip for a training step, and the smallest expert x fsdp x tensor mesh that fits it.
 
 What is counted (bytes per chip; maxlm's defaults: f32 parameters, AdamW, bf16 compute):
 
-- parameters, gradients and the two Adam moments in f32 (4 + 4 + 8 bytes per parameter), sharded over
-  fsdp x tensor: maxlm's rules put every weight's `embed` dimension on fsdp and its heads/mlp/vocab dimension on
-  tensor (ZeRO-3-style, Rajbhandari et al. 2020), replicated over `data`;
+- parameters, gradients and the two Adam moments in f32 (4 + 4 + 8 bytes per parameter), sharded the way
+  maxlm's default `mesh.rules` (maxlm/config.py DEFAULT_RULES) place them: every weight's `embed` dimension on
+  fsdp and its heads/mlp/vocab dimension on tensor (ZeRO-3-style, Rajbhandari et al. 2020), replicated over
+  `data`; the routed experts of an MoE (logical axes ("exp", "embed", "mlp"), maxlm/model/moe.py) are further
+  split E/expert per chip over `expert`, which the dense weights are replicated over:
+      state bytes = 16 x (N_dense / (fsdp x tensor) + N_routed / (expert x fsdp x tensor)),
+  with N_routed = MoE layers x E x 3 d_model F (`routed_expert_params`) and N_dense the rest (attention, norms,
+  router, embedding, head). The router ([D, E], ("embed", None)) is in fact not split over tensor; it is D x E
+  parameters per layer, left in N_dense for simplicity;
 - a layer workspace: the bf16 copy of one layer's weights (two when fsdp > 1: the all-gathered current layer and
-  the prefetched next one) plus that layer's f32 weight gradients before they are reduce-scattered;
+  the prefetched next one) plus that layer's f32 weight gradients before they are reduce-scattered; of an MoE
+  layer's experts only the E / expert local ones are gathered (moe.py's shard_map takes them as P(exp, None, mlp));
 - activations saved for the backward pass, itemised per token per layer for maxlm's block (RMSNorm, GQA attention,
   SwiGLU) in the way of Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models",
   Sec. 4), under the remat policy (`model.remat`, jax.checkpoint_policies):
@@ -18,6 +25,16 @@ What is counted (bytes per chip; maxlm's defaults: f32 parameters, AdamW, bf16 c
     full          only each layer's input (the scan carry); the whole layer is recomputed;
   plus one layer's full set while it is being recomputed/differentiated. Tensors with a heads/mlp dimension are
   split over `tensor`; d_model-wide ones are replicated over it (maxlm has no sequence parallelism);
+- MoE layers (the planner writes dropless configs: `model.capacity_factor` 0): each token's K experts run the
+  SwiGLU on K rows, plus the d_model-wide rows gathered for them and their outputs before the combine (2K rows).
+  With expert parallelism over S = `expert` shards, maxlm's dropless all-to-all pads every chunk to the worst
+  case (moe.py `_exchange_dropless`: S x M rows per device for M local assignments), so the grouped SwiGLU runs
+  on S x K rows per token and the send/receive buffers of the two exchanges add 4 S K d_model-wide rows. That
+  padding is not small: at S = 8, K = 2 the in-flight MoE layer holds 16 rows of gate/up/hidden per token
+  instead of 2, so expert parallelism mostly pays off under `full` remat or with few rows per microbatch (a
+  `ragged_all_to_all` exchange would remove the factor S; XLA:CPU does not implement it). The expert matmuls
+  are `ragged_dot`s, not `dot_general`s, so the `dots` policies do not save them: in MoE layers they are
+  recomputed like the rest (only `none` keeps them for every layer);
 - the logits: bf16 logits, their f32 log-softmax and its gradient (vocab split over tensor), and the boolean
   document mask [rows, 1, T, T].
 
@@ -32,7 +49,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from maxlm.config import ModelConfig
-from maxlm.flops import ParamCount
+from maxlm.flops import ParamCount, mlp_params
 from maxlm.plan.shape import MoESpec
 
 PARAM_BYTES = 4  # model.param_dtype float32
@@ -45,12 +62,13 @@ REMAT_POLICIES = ("none", "dots", "dots_no_batch", "full")  # least recompute fi
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes per chip of one training step on one mesh."""
+    """Bytes per chip of one training step on one mesh (data x fsdp x tensor x expert chips)."""
 
     remat: str
     data: int
     fsdp: int
     tensor: int
+    expert: int  # expert-parallel shards: each chip holds num_experts / expert routed experts (1 for dense)
     grad_accum: int
     micro_rows: int  # rows per data-parallel rank per microbatch
     params: float
@@ -81,25 +99,52 @@ class MeshChoice:
         return USABLE_HBM_FRACTION * self.hbm_bytes
 
 
+def routed_expert_params(m: ModelConfig) -> tuple[int, int]:
+    """(whole model, one MoE layer) parameters of the routed experts: the only weights `mesh.expert` splits.
+
+    They are the MoE block's gate/up [E, D, F] and down [E, F, D] (logical axes ("exp", ...), moe.py), i.e. the
+    E x mlp_params(D, F) term of `maxlm.flops.moe_params`; its router and shared experts are replicated over
+    `expert` like every dense weight. 0 for a dense model.
+    """
+    if m.ffn != "moe":
+        return 0, 0
+    per_layer = m.num_experts * mlp_params(m.d_model, m.moe_ffn_dim or m.ffn_dim)
+    return m.num_moe_layers * per_layer, per_layer
+
+
 def activation_bytes_per_token(m: ModelConfig, moe: MoESpec | None, seq_len: int, tensor: int, remat: str,
-                               flash: bool) -> tuple[float, float]:
-    """(saved per layer, working set of the one layer in flight), bytes per token on one chip."""
+                               flash: bool, expert: int = 1) -> tuple[float, float]:
+    """(saved per layer, working set of the one layer in flight), bytes per token on one chip.
+
+    `expert` is the expert-parallel size S: with S > 1 the dropless exchange pads to S x K rows per token (see the
+    module docstring), which only MoE layers pay.
+    """
     d, t, T = m.d_model, tensor, seq_len
     hd = m.head_dim or d // m.n_heads
     q, kv = m.n_heads * hd, 2 * m.n_kv_heads * hd
-    k_active = moe.experts_per_token if moe else 1
-    f = m.ffn_dim * k_active  # SwiGLU intermediates of every expert a token visits
-    router = 4.0 * moe.num_experts if moe else 0.0  # f32 router logits
+    if moe is None:
+        f = m.ffn_dim  # SwiGLU intermediates (gate, up, silu(gate) * up are each f wide)
+        f_saved = f  # dense gate/up are dot_generals: the `dots` policies keep them
+        dispatch = 0.0
+        router = 0.0
+    else:
+        k, s = moe.experts_per_token, expert
+        rows = k * s if s > 1 else k  # rows per token the grouped SwiGLU runs on (padded exchange when s > 1)
+        f = (m.moe_ffn_dim or m.ffn_dim) * rows
+        f_saved = 0  # ragged_dot is not a dot_general: recomputed under `dots` / `dots_no_batch`
+        # d_model-wide rows: gathered inputs and expert outputs (2k), + send/receive buffers of both exchanges
+        dispatch = ACT_BYTES * d * (2 * k + (4 * s * k if s > 1 else 0))
+        router = 4.0 * moe.num_experts  # f32 router logits
     scores = 0.0 if flash else ACT_BYTES * m.n_heads * T / t  # softmax probabilities kept by XLA attention
     # none: x, norm1(x), q, k, v, attention out, x + attn, norm2(.), gate, up, silu(gate) * up
-    none = ACT_BYTES * (4 * d + (2 * q + kv + 3 * f) / t) + scores + router + 4.0 * m.n_heads / t
+    none = ACT_BYTES * (4 * d + (2 * q + kv + 3 * f) / t) + scores + router + 4.0 * m.n_heads / t + dispatch
     if remat == "none":
         saved = none
     elif remat == "dots":
         attn_dots = 0.0 if flash else ACT_BYTES * (m.n_heads * T + q) / t  # QK^T logits and AV output
-        saved = ACT_BYTES * (3 * d + (q + kv + 2 * f) / t) + attn_dots + router
+        saved = ACT_BYTES * (3 * d + (q + kv + 2 * f_saved) / t) + attn_dots + router
     elif remat == "dots_no_batch":
-        saved = ACT_BYTES * (3 * d + (q + kv + 2 * f) / t) + router
+        saved = ACT_BYTES * (3 * d + (q + kv + 2 * f_saved) / t) + router
     elif remat == "full":
         saved = ACT_BYTES * d
     else:
@@ -109,61 +154,85 @@ def activation_bytes_per_token(m: ModelConfig, moe: MoESpec | None, seq_len: int
 
 
 def estimate_memory(m: ModelConfig, moe: MoESpec | None, count: ParamCount, seq_len: int, *, micro_rows: int,
-                    data: int, fsdp: int, tensor: int, grad_accum: int, remat: str, flash: bool) -> MemoryEstimate:
-    shard = fsdp * tensor
-    saved, working = activation_bytes_per_token(m, moe, seq_len, tensor, remat, flash)
+                    data: int, fsdp: int, tensor: int, grad_accum: int, remat: str, flash: bool,
+                    expert: int = 1) -> MemoryEstimate:
+    """Bytes per chip on a data x fsdp x tensor x expert mesh; `micro_rows` rows per chip (per rank of
+    data x fsdp x expert, the axes of `act_batch`) per microbatch. `expert` splits only the routed experts."""
+    routed, routed_per_layer = routed_expert_params(m) if moe is not None else (0, 0)
+    shard = fsdp * tensor  # dense weights
+    expert_shard = expert * fsdp * tensor  # routed experts: ("exp", "embed", "mlp") -> (expert, fsdp, tensor)
+    saved, working = activation_bytes_per_token(m, moe, seq_len, tensor, remat, flash, expert)
     tokens = micro_rows * seq_len
     layer_copies = 2 if fsdp > 1 else 1
-    workspace = count.per_layer * (layer_copies * ACT_BYTES + PARAM_BYTES) / tensor
+    layer_params = count.per_layer - routed_per_layer + routed_per_layer / expert  # only local experts gathered
+    workspace = layer_params * (layer_copies * ACT_BYTES + PARAM_BYTES) / tensor
     if fsdp > 1:
         workspace += (count.embedding + count.lm_head) * ACT_BYTES / tensor  # gathered embedding / head
     logits = tokens * m.vocab_size * (ACT_BYTES + 4 + 4) / tensor + micro_rows * seq_len * seq_len
+
+    def state(bytes_per_param: int) -> float:
+        return (count.total - routed) * bytes_per_param / shard + routed * bytes_per_param / expert_shard
+
     return MemoryEstimate(
-        remat=remat, data=data, fsdp=fsdp, tensor=tensor, grad_accum=grad_accum, micro_rows=micro_rows,
-        params=count.total * PARAM_BYTES / shard, grads=count.total * PARAM_BYTES / shard,
-        optimizer=count.total * 8 / shard, workspace=workspace,
-        activations=tokens * (m.n_layers * saved + working), logits=logits)
+        remat=remat, data=data, fsdp=fsdp, tensor=tensor, expert=expert, grad_accum=grad_accum,
+        micro_rows=micro_rows, params=state(PARAM_BYTES), grads=state(PARAM_BYTES), optimizer=state(8),
+        workspace=workspace, activations=tokens * (m.n_layers * saved + working), logits=logits)
 
 
 def _divisors(n: int) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0]
 
 
-def mesh_candidates(m: ModelConfig, chips: int) -> list[tuple[int, int]]:
-    """(fsdp, tensor) pairs that maxlm's `validate` accepts for this shape, least sharded first; among equal
-    sharding, fsdp before tensor (fsdp's all-gathers overlap with compute; tensor needs the fastest links)."""
+def mesh_candidates(m: ModelConfig, chips: int, num_experts: int = 1) -> list[tuple[int, int, int]]:
+    """(expert, fsdp, tensor) triples that maxlm's `validate` accepts for this shape, least sharded first.
+
+    `expert` ranges over the divisors of `num_experts` (1 for a dense model: then this is the fsdp x tensor
+    search it always was), and expert x fsdp x tensor must divide `chips` (the rest is `data`). Sharding is
+    measured by expert x fsdp x tensor; among equal sharding, expert before fsdp before tensor: expert
+    parallelism splits the experts without gathering their weights (each chip runs whole experts on the tokens
+    sent to it); fsdp's all-gathers overlap with compute; tensor parallelism needs the fastest links. (maxlm's
+    dropless exchange pads its all-to-all to S x K rows per token, so at large S and many rows per chip its
+    traffic can exceed fsdp's weight gathers; the memory estimate charges the padded buffers, and a mesh whose
+    buffers do not fit is passed over for the next one.)
+    """
     out = []
     for t in _divisors(chips):
-        if t > MAX_TENSOR or m.n_heads % t or m.n_kv_heads % t or m.ffn_dim % t or m.vocab_size % t:
+        if (t > MAX_TENSOR or m.n_heads % t or m.n_kv_heads % t or m.ffn_dim % t or m.vocab_size % t
+                or (m.moe_ffn_dim or m.ffn_dim) % t):
             continue
-        for f in _divisors(chips // t):
-            if m.d_model % f == 0:
-                out.append((f, t))
-    return sorted(out, key=lambda ft: (ft[0] * ft[1], ft[1]))
+        for e in _divisors(chips // t):
+            if num_experts % e:
+                continue
+            for f in _divisors(chips // (t * e)):
+                if m.d_model % f == 0:
+                    out.append((e, f, t))
+    return sorted(out, key=lambda eft: (eft[0] * eft[1] * eft[2], eft[2], eft[1]))
 
 
 def choose_mesh(m: ModelConfig, moe: MoESpec | None, count: ParamCount, seq_len: int, *, global_rows: int,
                 chips: int, hbm_bytes: float, remat: str = "full", flash: bool = True) -> MeshChoice:
-    """The smallest fsdp x tensor mesh (the rest of the chips go to `data`) whose step fits in HBM.
+    """The smallest expert x fsdp x tensor mesh (the rest of the chips go to `data`) whose step fits in HBM.
 
     Order of preference: no gradient accumulation before accumulation; with `remat="auto"`, the policy with the
     least recomputation that fits (none, dots, dots_no_batch, full) and the smallest mesh for it; then the fixed
-    or most frugal policy with more microbatches (any divisor of the rows per data-parallel rank). When nothing
-    fits, the most frugal option is returned with `fits=False` so the plan can show how far off it is.
+    or most frugal policy with more microbatches (any divisor of the rows per data-parallel rank). Meshes are
+    tried in `mesh_candidates` order (least sharding first; experts on `expert` before fsdp before tensor). The
+    batch is split over data x fsdp x expert (`act_batch`), i.e. chips / tensor ranks, whatever the split. When
+    nothing fits, the most frugal option is returned with `fits=False` so the plan can show how far off it is.
     """
     usable = USABLE_HBM_FRACTION * hbm_bytes
-    meshes = mesh_candidates(m, chips)
+    meshes = mesh_candidates(m, chips, moe.num_experts if moe else 1)
     if not meshes:
-        meshes = [(1, 1)]
+        meshes = [(1, 1, 1)]
     policies = REMAT_POLICIES if remat == "auto" else (remat,)
     last = "full" if remat == "auto" else remat
 
-    def est(f: int, t: int, policy: str, accum: int) -> MemoryEstimate | None:
-        dp = chips // t
+    def est(e: int, f: int, t: int, policy: str, accum: int) -> MemoryEstimate | None:
+        dp = chips // t  # data x fsdp x expert: the mesh axes of act_batch
         if global_rows % (dp * accum):
             return None
-        return estimate_memory(m, moe, count, seq_len, micro_rows=global_rows // (dp * accum), data=dp // f, fsdp=f,
-                               tensor=t, grad_accum=accum, remat=policy, flash=flash)
+        return estimate_memory(m, moe, count, seq_len, micro_rows=global_rows // (dp * accum), data=dp // (f * e),
+                               fsdp=f, tensor=t, expert=e, grad_accum=accum, remat=policy, flash=flash)
 
     frugal: MemoryEstimate | None = None
 
@@ -176,18 +245,18 @@ def choose_mesh(m: ModelConfig, moe: MoESpec | None, count: ParamCount, seq_len:
         return e.total <= usable
 
     for policy in policies:
-        for f, t in meshes:
-            e = est(f, t, policy, 1)
-            if consider(e):
-                return MeshChoice(e, True, hbm_bytes)
-    accums = sorted({a for t in {t for _, t in meshes} for a in _divisors(global_rows // (chips // t)) if a > 1})
+        for e, f, t in meshes:
+            cand = est(e, f, t, policy, 1)
+            if consider(cand):
+                return MeshChoice(cand, True, hbm_bytes)
+    accums = sorted({a for t in {t for _, _, t in meshes} for a in _divisors(global_rows // (chips // t)) if a > 1})
     for accum in accums:
-        for f, t in meshes:
-            e = est(f, t, last, accum)
-            if consider(e):
-                return MeshChoice(e, True, hbm_bytes)
+        for e, f, t in meshes:
+            cand = est(e, f, t, last, accum)
+            if consider(cand):
+                return MeshChoice(cand, True, hbm_bytes)
     if frugal is None:  # no mesh divides the batch: report the most sharded one with one row per rank
-        f, t = max(meshes, key=lambda ft: ft[0] * ft[1])
-        frugal = estimate_memory(m, moe, count, seq_len, micro_rows=1, data=chips // (f * t), fsdp=f, tensor=t,
-                                 grad_accum=1, remat=last, flash=flash)
+        e, f, t = max(meshes, key=lambda eft: (eft[0] * eft[1] * eft[2], eft[1]))
+        frugal = estimate_memory(m, moe, count, seq_len, micro_rows=1, data=chips // (e * f * t), fsdp=f, tensor=t,
+                                 expert=e, grad_accum=1, remat=last, flash=flash)
     return MeshChoice(frugal, False, hbm_bytes)

@@ -215,21 +215,27 @@ def make_plan(req: PlanRequest) -> Plan:
         mesh = choose_mesh(m, shape.moe, shape.count, req.seq_len, global_rows=rows, chips=req.chips or 1,
                            hbm_bytes=hw.hbm_bytes, remat=req.remat, flash=not hw.name.startswith("tpu"))
         if not mesh.fits:
-            notes.append(f"WARNING: nothing fits in {hw.hbm_bytes / 1e9:g} GB per chip, even at fsdp x tensor = "
-                         f"{mesh.estimate.fsdp * mesh.estimate.tensor} with remat {mesh.estimate.remat} and "
-                         f"{mesh.estimate.grad_accum} microbatches: use more chips or a smaller --seq-len")
+            e = mesh.estimate
+            axes = f"expert x fsdp x tensor = {e.expert * e.fsdp * e.tensor}" if shape.moe else \
+                f"fsdp x tensor = {e.fsdp * e.tensor}"
+            notes.append(f"WARNING: nothing fits in {hw.hbm_bytes / 1e9:g} GB per chip, even at {axes} with remat "
+                         f"{e.remat} and {e.grad_accum} microbatches: use more chips or a smaller --seq-len")
     return Plan(request=req, law=law, hardware=hw, compute=compute, optimum=alloc.opt, shape=shape, tokens=tokens,
                 rows=rows, steps=steps, warmup_steps=hparams.warmup_steps(steps), lr=hparams.deepseek_lr(c_m),
                 batch_tokens_opt=b_opt, deepseek_compute=c_m, flops_per_token=alloc.fpt, mesh=mesh, notes=notes)
 
 
 def plan_to_config(plan: Plan, run_dir: str, data_path: str = "", tokenizer: str = "") -> Config:
-    """A complete maxlm Config for the plan: synthetic data unless a path is given."""
+    """A complete maxlm Config for the plan: synthetic data unless a path is given.
+
+    The mesh is the planned one, every axis explicit (data x fsdp x tensor x expert = chips), so the config
+    validates on exactly `--chips` devices. An MoE plan keeps the model's MoE fields as planned (`--moe E,K`: every
+    layer routed, experts of the dense ffn width, dropless, no shared experts) and puts its experts on
+    `mesh.expert`, the size the memory model chose; `validate` then checks num_experts % expert == 0 and that the
+    default rules split the batch over expert too. Without `--hardware` there is no mesh choice: maxlm's default
+    (fsdp over all devices, expert 1) is written.
+    """
     m = plan.shape.model
-    if plan.shape.moe is not None:
-        raise ConfigError("--write-config with --moe is not enabled yet: the planner's memory model and mesh choice "
-                          "do not place MoE experts on mesh.expert (expert parallelism); plan without --write-config, "
-                          "or drop --moe")
     remat = plan.mesh.estimate.remat if plan.mesh else ("full" if plan.request.remat == "auto" else plan.request.remat)
     model = replace(m, remat=remat)
     if data_path:
@@ -241,7 +247,7 @@ def plan_to_config(plan: Plan, run_dir: str, data_path: str = "", tokenizer: str
         data = DataConfig(source="synthetic", seq_len=plan.request.seq_len)
     if plan.mesh:
         e = plan.mesh.estimate
-        mesh = MeshConfig(data=e.data, fsdp=e.fsdp, tensor=e.tensor)
+        mesh = MeshConfig(data=e.data, fsdp=e.fsdp, tensor=e.tensor, expert=e.expert)
         grad_accum = e.grad_accum
     else:
         mesh, grad_accum = MeshConfig(), 1

@@ -70,7 +70,8 @@ def render(plan: Plan) -> str:
     if plan.mesh:
         e = plan.mesh.estimate
         add(f"memory per chip (remat {e.remat}; f32 params + AdamW, bf16 activations)")
-        add(("mesh", f"data={e.data} fsdp={e.fsdp} tensor={e.tensor}, grad_accum={e.grad_accum} "
+        experts = f" expert={e.expert} ({shape.moe.num_experts // e.expert} experts per chip)" if shape.moe else ""
+        add(("mesh", f"data={e.data} fsdp={e.fsdp} tensor={e.tensor}{experts}, grad_accum={e.grad_accum} "
                      f"({e.micro_rows} rows per chip per microbatch)"))
         add(("params / grads / Adam", f"{gb(e.params)} / {gb(e.grads)} / {gb(e.optimizer)}"))
         add(("layer workspace", gb(e.workspace)))

@@ -54,6 +54,8 @@ def main() -> None:
         out = {
             "plan_s": timed(["--compute", "1e21", "--hardware", "h100", "--chips", "64"], 5),
             "plan_days_s": timed(["--hardware", "h100", "--chips", "64", "--days", "7"], 5),
+            # MoE: the mesh search adds an expert axis (divisors of E) to fsdp x tensor
+            "plan_moe_s": timed(["--compute", "1e23", "--moe", "64,6", "--hardware", "h100", "--chips", "1024"], 5),
             "plan_write_config_s": timed(["--compute", "1e21", "--write-config", os.path.join(tmp, "c.yml")], 2),
             "fit_100_runs_s": timed(["fit", runs, "--out", os.path.join(tmp, "fit.json")], 3),
             "fit_100_runs_no_bootstrap_s": timed(["fit", runs, "--bootstrap", "0"], 3),
