@@ -11,6 +11,7 @@ import os
 import sys
 from typing import Callable
 
+from maxlm import apply_fake_cpu_mesh_flags
 from maxlm.config import ConfigError, config_to_yaml, load_config, resolve_config_path
 
 
@@ -18,6 +19,7 @@ def _force_cpu_devices(n: int) -> None:
     """Fake CPU devices (for the 8-device CPU mesh) must be requested before jax initialises its backend."""
     if n > 0 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}"
+    apply_fake_cpu_mesh_flags()
 
 
 def _load(args: argparse.Namespace):
