@@ -89,9 +89,12 @@ def test_from_hf_logits_match_transformers(tmp_path: Path, name: str) -> None:
                                                                          "model.attention=xla"])
     np.testing.assert_allclose(maxlm_logits(flat_dir, IDS), ref, atol=1e-4, rtol=0)
     # A run loads the Hugging Face directory directly, experts split over the mesh's expert axis (data 2, fsdp 2,
-    # expert 2); the overrides are the ones `maxlm convert from-hf` prints.
+    # expert 2); the overrides are the ones `maxlm convert from-hf` prints, then fine-tuning's own balance
+    # coefficient and router noise (training-only keys, which need not match the checkpoint's).
     overrides = model_overrides(model_config_from_hf(json.loads((tmp_path / "hf" / "config.json").read_text())))
     cfg = load_config(resolve_config_path("tiny-moe"), overrides + ["model.attention=xla", "model.router_z_coef=0",
+                                                                    "model.load_balance_coef=0.05",
+                                                                    "model.router_jitter=0.01",
                                                                     f"load_parameters_from={tmp_path / 'hf'}"])
     mesh, rules = build_mesh(cfg), logical_rules(cfg)
     tx, _ = make_optimizer(cfg)

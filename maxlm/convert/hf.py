@@ -115,8 +115,9 @@ def _compare_model(hf: dict[str, Any], cfg: ModelConfig, where: str, hf_dir: str
     effective = dataclasses.replace(cfg, head_dim=cfg.head_dim or cfg.d_model // cfg.n_heads,
                                     moe_ffn_dim=cfg.moe_ffn_dim or cfg.ffn_dim)
     hf_name = {k.field: k.hf for k in arch.config_keys}
+    training_only = {k.field for k in arch.config_keys if k.training_only}
     diffs = [f"{hf_name.get(k, k)}={v!r} there but model.{k}={getattr(effective, k)!r} here"
-             for k, v in fields.items() if getattr(effective, k) != v]
+             for k, v in fields.items() if getattr(effective, k) != v and k not in training_only]
     if diffs:
         raise ConfigError(f"{where}: the Hugging Face model does not match this config: {'; '.join(diffs)} (print "
                           f"the matching model section with `maxlm convert config {hf_dir}`)")

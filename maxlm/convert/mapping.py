@@ -132,11 +132,14 @@ class TensorMap:
 @dataclass(frozen=True)
 class ConfigKey:
     """config.json key <-> ModelConfig field. `default` (a value, or a function of the whole config.json) applies
-    when the key is absent, as the transformers config class would fill it; REQUIRED makes it an error."""
+    when the key is absent, as the transformers config class would fill it; REQUIRED makes it an error.
+    `training_only` keys (loss coefficients, router noise) do not change what the weights compute: loading weights
+    into a run that sets them differently (fine-tuning with another balance coefficient) is allowed."""
 
     hf: str
     field: str
     default: Any = REQUIRED
+    training_only: bool = False
 
 
 @dataclass(frozen=True)

@@ -48,8 +48,8 @@ MIXTRAL_CONFIG_KEYS = tuple(
     ConfigKey("num_experts_per_tok", "experts_per_token"),
     # Llama's keys already map intermediate_size -> ffn_dim; the experts' width is the same number.
     ConfigKey("intermediate_size", "moe_ffn_dim"),
-    ConfigKey("router_aux_loss_coef", "load_balance_coef", 0.001),
-    ConfigKey("router_jitter_noise", "router_jitter", 0.0),
+    ConfigKey("router_aux_loss_coef", "load_balance_coef", 0.001, training_only=True),
+    ConfigKey("router_jitter_noise", "router_jitter", 0.0, training_only=True),
 )
 
 _MOE = LAYER + "block_sparse_moe."
