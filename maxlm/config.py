@@ -83,7 +83,8 @@ class ModelConfig:
     router_bias_rate: float = 0.001  # sigmoid: bias step gamma of DeepSeek-V3's auxiliary-loss-free balancing
     router_jitter: float = 0.0  # training only: router input * U(1 - eps, 1 + eps) (Switch Transformer)
     capacity_factor: float = 0.0  # <= 0: dropless (sort + grouped matmul); > 0: slots per expert per sequence
-    moe_matmul: str = "auto"  # dropless grouped matmul: ragged_dot | tiled | auto (tiled on CPU, else ragged_dot)
+    # dropless grouped matmul: ragged_dot | tiled | blocked | auto (tiled on CPU, blocked on GPU, TPU ragged_dot)
+    moe_matmul: str = "auto"
     load_balance_coef: float = 0.01  # Switch/Mixtral E * sum_e f_e P_e, averaged over MoE layers
     router_z_coef: float = 0.0  # ST-MoE router z-loss mean(logsumexp(logits)^2), averaged over MoE layers
     moe_expert_metrics: bool = True  # log every expert's token fraction per layer (else per-layer summaries only)
@@ -471,7 +472,7 @@ def _check_moe(m: ModelConfig) -> None:
     if m.router_scale <= 0:
         raise ConfigError(f"model.router_scale must be positive, got {m.router_scale}")
     _choice(m.router_scoring, ("softmax", "sigmoid"), "model.router_scoring")
-    _choice(m.moe_matmul, ("auto", "ragged_dot", "tiled"), "model.moe_matmul")
+    _choice(m.moe_matmul, ("auto", "ragged_dot", "tiled", "blocked"), "model.moe_matmul")
 
 
 def expand_globs(pattern: str) -> list[str]:

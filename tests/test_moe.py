@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from functools import partial
 
 import flax.linen as nn
 import jax
@@ -17,7 +18,7 @@ from maxlm.config import ConfigError, ModelConfig, config_dir, load_config, reso
 from maxlm.flops import attention_params, count_params, flops_per_token
 from maxlm.mesh import batch_sharding, build_mesh, logical_rules, make_global_batch, mesh_context
 from maxlm.model import Decoder, abstract_params, count_params_eval_shape
-from maxlm.model.grouped_matmul import tiled_grouped_matmul
+from maxlm.model.grouped_matmul import blocked_grouped_matmul, tiled_grouped_matmul
 from maxlm.model.moe import MoE, capacity_per_sequence, load_balance_loss, route, router_bias_update, router_z_loss
 from maxlm.model.transformer import layer_groups, layer_kinds, layer_subtree
 from maxlm.train.losses import OBJECTIVES
@@ -126,7 +127,7 @@ def test_router_z_loss_is_st_moe() -> None:
 # Expert paths
 
 
-@pytest.mark.parametrize("impl", ["tiled", "ragged_dot"])
+@pytest.mark.parametrize("impl", ["tiled", "blocked", "ragged_dot"])
 def test_dropless_equals_dense_reference(impl: str) -> None:
     c = dataclasses.replace(SMALL, moe_matmul=impl)
     x = jax.random.normal(jax.random.key(1), (4, 16, 32))
@@ -138,19 +139,22 @@ def test_dropless_equals_dense_reference(impl: str) -> None:
         np.testing.assert_allclose(g[name], g_ref[name], rtol=1e-4, atol=1e-5, err_msg=name)
 
 
-def test_tiled_grouped_matmul_equals_ragged_dot() -> None:
-    """Including empty groups, groups of one row, rows past sum(sizes) (zero) and both gradients."""
+@pytest.mark.parametrize("grouped_matmul", [tiled_grouped_matmul, blocked_grouped_matmul])
+def test_grouped_matmuls_equal_ragged_dot(grouped_matmul) -> None:
+    """Including empty groups, groups of one row, a group spanning several blocks, rows past sum(sizes) (zero)
+    and both gradients."""
     rs = np.random.RandomState(2)
     x = jnp.asarray(rs.randn(40, 6).astype(np.float32))
     w = jnp.asarray(rs.randn(5, 6, 3).astype(np.float32))
     sizes = jnp.array([0, 13, 1, 20, 0], jnp.int32)  # 34 of 40 rows
-    for tile in (8, 16):
-        got = tiled_grouped_matmul(x, w, sizes, tile)
+    for block in (4, 8, 16):
+        mm = jax.jit(partial(grouped_matmul, block=block) if grouped_matmul is blocked_grouped_matmul
+                     else partial(grouped_matmul, tile=block))
+        got = mm(x, w, sizes)
         np.testing.assert_allclose(got, jax.lax.ragged_dot(x, w, sizes), rtol=1e-5, atol=1e-6)
         assert not np.any(got[34:])
         f = lambda fn: jax.grad(lambda x, w: jnp.sum(jnp.sin(fn(x, w))), argnums=(0, 1))(x, w)  # noqa: E731
-        for a, b in zip(f(lambda x, w: tiled_grouped_matmul(x, w, sizes, tile)),
-                        f(lambda x, w: jax.lax.ragged_dot(x, w, sizes))):
+        for a, b in zip(f(lambda x, w: mm(x, w, sizes)), f(lambda x, w: jax.lax.ragged_dot(x, w, sizes))):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -196,10 +200,13 @@ def test_capacity_order_is_rank_first() -> None:
     assert kept[0].tolist() == [[True, False], [True, False], [True, False], [True, False]]
 
 
-def test_expert_parallel_capacity_layer_matches_unsharded() -> None:
-    """The capacity path (GShard all-to-all of fixed [E, C] buffers), forward and gradients, under meshes with
-    expert = 2, 4, 8 and tensor parallelism, with drops (capacity factor 1): drops do not depend on the mesh."""
-    c = dataclasses.replace(SMALL, capacity_factor=1.0)
+@pytest.mark.parametrize("variant", [{"capacity_factor": 1.0}, {"moe_matmul": "blocked"}])
+def test_expert_parallel_layer_matches_unsharded(variant: dict) -> None:
+    """The capacity path (GShard all-to-all of fixed [E, C] buffers) with drops (capacity factor 1: drops do not
+    depend on the mesh), and the dropless path with the GPU's blocked grouped matmul over the padded exchange
+    (the CPU's `tiled` one is covered by the 5-step training test): forward and gradients under meshes with
+    expert = 2 and 8 and tensor parallelism."""
+    c = dataclasses.replace(SMALL, **variant)
     x = jax.random.normal(jax.random.key(1), (8, 16, 32))
     p = _moe_params(c, x)
     want_y, want_g = _value_and_grad(c, p, x)
@@ -214,7 +221,10 @@ def test_expert_parallel_capacity_layer_matches_unsharded() -> None:
             y, g = fn(p, x)
         np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-6, err_msg=str((d, f, t, e)))
         for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(want_g)):
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=str((d, f, t, e)))
+            # Weight gradients are f32 sums over every token in another order per mesh: their rounding error
+            # scales with the leaf's magnitude (up to ~100 here), so the absolute bound does too (1e-6 of it).
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(np.abs(b).max()),
+                                       err_msg=str((d, f, t, e)))
 
 
 def _train_losses(overrides: list[str], steps: int = 5) -> tuple[np.ndarray, dict]:

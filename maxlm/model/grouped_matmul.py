@@ -1,8 +1,10 @@
-"""Grouped matmul for XLA:CPU: `jax.lax.ragged_dot`'s semantics at the cost of the rows actually present.
+"""Grouped matmuls: `jax.lax.ragged_dot`'s semantics at the cost of the rows actually present.
 
-XLA:CPU lowers `ragged_dot(x [M, D], w [E, D, F], group_sizes [E])` to one dense matmul of every row with every
-group's weights (masked), E times the work; the MoE block's dropless path on CPU uses `tiled_grouped_matmul`
-instead (megablox's gmm/tgmm scheme written in plain XLA ops, with a custom gradient). GPU/TPU keep ragged_dot.
+XLA:CPU, and XLA:GPU in jaxlib 0.10-0.11, lower `ragged_dot(x [M, D], w [E, D, F], group_sizes [E])` to one dense
+matmul of every row with every group's weights (masked): E times the work. The MoE block's dropless path uses
+instead, on CPU, `tiled_grouped_matmul` (megablox's gmm/tgmm scheme as a loop of small matmuls in plain XLA ops,
+cheap where each op costs little to launch) and, on GPU, `blocked_grouped_matmul` (groups padded to whole blocks,
+one batched GEMM). Both have custom gradients; TPU keeps ragged_dot.
 """
 
 from __future__ import annotations
@@ -109,3 +111,98 @@ def _tgm_bwd(tile: int, res: tuple[jax.Array, jax.Array, jax.Array], g_MF: jax.A
 
 
 tiled_grouped_matmul.defvjp(_tgm_fwd, _tgm_bwd)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Block-padded grouped matmul: one batched matmul, for accelerators
+
+
+def block_rows(rows: int, groups: int) -> int:
+    """Block height of `blocked_grouped_matmul`: about a quarter of an evenly loaded group, a power of two in
+    [16, 1024]. Padding costs at most groups * block rows (<= 1/4 extra at even load); smaller blocks cost more
+    weight gathering (one [D, F] copy per block). On an H100 (32768 rows, 8 groups, D 1024, F 2816), forward +
+    backward ran at 105, 176, 247 and 293 TFLOP/s with blocks of 128, 256, 512 and 1024 rows."""
+    target = max(rows // (4 * groups), 1)
+    return int(min(1024, max(16, 1 << (target.bit_length() - 1))))
+
+
+class _Blocks(NamedTuple):
+    """Rows sorted by group, each group padded to a multiple of `Q` rows, cut into N = ceil(M / Q) + E blocks (a
+    static bound on sum_e ceil(size_e / Q)): padded row r of block r // Q belongs to group `group_N[r // Q]`."""
+
+    src_R: jax.Array  # the input row padded row r reads (M, a zero row, for padding)
+    dst_M: jax.Array  # the padded row input row m lands in (R, a zero row, for rows past sum(sizes))
+    group_N: jax.Array  # each block's group (clipped to E - 1 for unused blocks, whose rows are all padding)
+    Q: int
+
+    @staticmethod
+    def plan(sizes_E: jax.Array, M: int, Q: int) -> _Blocks:
+        E = sizes_E.shape[0]
+        N = -(-M // Q) + E
+        R = N * Q
+        padded_E = (sizes_E + Q - 1) // Q * Q
+        pad_end_E = jnp.cumsum(padded_E)
+        pad_start_E = pad_end_E - padded_E
+        end_E = jnp.cumsum(sizes_E)
+        start_E = end_E - sizes_E
+        r_R = jnp.arange(R)
+        e_R = jnp.minimum(jnp.sum(pad_end_E[None, :] <= r_R[:, None], axis=1), E - 1)  # E is small: a compare
+        offset_R = r_R - pad_start_E[e_R]
+        src_R = jnp.where((offset_R >= 0) & (offset_R < sizes_E[e_R]), start_E[e_R] + offset_R, M)
+        m_M = jnp.arange(M)
+        e_M = jnp.minimum(jnp.sum(end_E[None, :] <= m_M[:, None], axis=1), E - 1)
+        dst_M = jnp.where(m_M < end_E[-1], pad_start_E[e_M] + m_M - start_E[e_M], R)
+        return _Blocks(src_R, dst_M, e_R[::Q], Q)
+
+    def gather_rows(self, x_MD: jax.Array) -> jax.Array:
+        """[M, D] -> [N, Q, D] in padded order (padding rows 0)."""
+        x_PD = jnp.concatenate([x_MD, jnp.zeros((1, x_MD.shape[1]), x_MD.dtype)])
+        return x_PD[self.src_R].reshape(-1, self.Q, x_MD.shape[1])
+
+    def scatter_rows(self, y_NQF: jax.Array) -> jax.Array:
+        """[N, Q, F] padded -> [M, F] in input order (rows past sum(sizes) 0): a gather through `dst_M`."""
+        y_RF = y_NQF.reshape(-1, y_NQF.shape[-1])
+        y_PF = jnp.concatenate([y_RF, jnp.zeros((1, y_RF.shape[1]), y_RF.dtype)])
+        return y_PF[self.dst_M]
+
+
+def _blocked_forward(x_MD: jax.Array, w_EDF: jax.Array, blocks: _Blocks, transpose_w: bool = False) -> jax.Array:
+    x_NQD = blocks.gather_rows(x_MD)
+    w_N = w_EDF[blocks.group_N]  # each block's group weights: [N, D, F] (or [N, F, D] read transposed)
+    spec = "nqd,nfd->nqf" if transpose_w else "nqd,ndf->nqf"
+    y_NQF = jnp.einsum(spec, x_NQD, w_N, preferred_element_type=jnp.float32).astype(x_MD.dtype)
+    return blocks.scatter_rows(y_NQF)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def blocked_grouped_matmul(x_MD: jax.Array, w_EDF: jax.Array, sizes_E: jax.Array, block: int) -> jax.Array:
+    """`jax.lax.ragged_dot` as one batched matmul: each group's rows padded to a multiple of `block`, each block
+    multiplied by its group's weights (gathered per block). Work is the real rows plus at most one partial block
+    per group, every shape is static, and the accelerator sees one large batched GEMM instead of the masked dense
+    matmul over all E groups that XLA:GPU makes of ragged_dot (MegaBlocks' block padding, Gale et al. 2022, with
+    XLA's batched GEMM in place of a block-sparse kernel). The backward pass re-gathers the weights instead of
+    keeping the [N, D, F] copy: dx = the same product with w^T, dw_e = sum over e's blocks of x_b^T g_b (f32).
+    Rows past sum(sizes) come out 0."""
+    return _blocked_forward(x_MD, w_EDF, _Blocks.plan(sizes_E, x_MD.shape[0], block))
+
+
+_BgmResiduals = tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]
+
+
+def _bgm_fwd(x_MD: jax.Array, w_EDF: jax.Array, sizes_E: jax.Array, block: int
+             ) -> tuple[jax.Array, _BgmResiduals]:
+    blocks = _Blocks.plan(sizes_E, x_MD.shape[0], block)
+    return _blocked_forward(x_MD, w_EDF, blocks), (x_MD, w_EDF, blocks.src_R, blocks.dst_M, blocks.group_N)
+
+
+def _bgm_bwd(block: int, res: _BgmResiduals, g_MF: jax.Array) -> tuple[jax.Array, jax.Array, None]:
+    x_MD, w_EDF, src_R, dst_M, group_N = res
+    blocks = _Blocks(src_R, dst_M, group_N, block)  # the static block height is not a residual
+    dx_MD = _blocked_forward(g_MF, w_EDF, blocks, transpose_w=True)
+    dw_NDF = jnp.einsum("nqd,nqf->ndf", blocks.gather_rows(x_MD), blocks.gather_rows(g_MF),
+                        preferred_element_type=jnp.float32)
+    dw_EDF = jax.ops.segment_sum(dw_NDF, blocks.group_N, num_segments=w_EDF.shape[0], indices_are_sorted=True)
+    return dx_MD, dw_EDF.astype(w_EDF.dtype), None
+
+
+blocked_grouped_matmul.defvjp(_bgm_fwd, _bgm_bwd)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from maxlm.config import ModelConfig
-from maxlm.model.grouped_matmul import tiled_grouped_matmul, tile_rows
+from maxlm.model.grouped_matmul import blocked_grouped_matmul, block_rows, tiled_grouped_matmul, tile_rows
 from maxlm.model.layers import compute_dtype, constrain, param
 
 Axes = tuple[str, ...]
@@ -154,11 +154,11 @@ def _spec(axes: Axes) -> str | Axes | None:
 
 
 def grouped_matmul_impl(cfg: ModelConfig) -> str:
-    """`auto`: `ragged_dot` on GPU/TPU (grouped GEMM kernels, megablox on TPU), `tiled` on CPU, where XLA lowers
-    `ragged_dot` to one dense matmul over every group (E times the work)."""
+    """`auto`: `tiled` on CPU and `blocked` on GPU, where XLA lowers `ragged_dot` to one dense matmul over every
+    group (E times the work; maxlm/model/grouped_matmul.py); `ragged_dot` on TPU."""
     if cfg.moe_matmul != "auto":
         return cfg.moe_matmul
-    return "tiled" if jax.default_backend() == "cpu" else "ragged_dot"
+    return {"cpu": "tiled", "gpu": "blocked"}.get(jax.default_backend(), "ragged_dot")
 
 
 def _grouped_swiglu(x_MD: jax.Array, w_gate_EDF: jax.Array, w_up_EDF: jax.Array, w_down_EFD: jax.Array,
@@ -169,8 +169,11 @@ def _grouped_swiglu(x_MD: jax.Array, w_gate_EDF: jax.Array, w_up_EDF: jax.Array,
         gate_MF = jax.lax.ragged_dot(x_MD, w_gate_EDF, sizes_E)
         up_MF = jax.lax.ragged_dot(x_MD, w_up_EDF, sizes_E)
         return jax.lax.ragged_dot(jax.nn.silu(gate_MF) * up_MF, w_down_EFD, sizes_E)
-    # One loop for gate and up together: half the tiles, twice as wide.
-    mm = partial(tiled_grouped_matmul, tile=tile_rows(x_MD.shape[0]))
+    # Gate and up in one grouped matmul: the rows are gathered once and the product is twice as wide.
+    if impl == "blocked":
+        mm = partial(blocked_grouped_matmul, block=block_rows(x_MD.shape[0], sizes_E.shape[0]))
+    else:
+        mm = partial(tiled_grouped_matmul, tile=tile_rows(x_MD.shape[0]))
     gate_MF, up_MF = jnp.split(mm(x_MD, jnp.concatenate([w_gate_EDF, w_up_EDF], axis=-1), sizes_E), 2, axis=-1)
     return mm(jax.nn.silu(gate_MF) * up_MF, w_down_EFD, sizes_E)
 
