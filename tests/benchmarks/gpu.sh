@@ -3,7 +3,8 @@
 #   - tiny (the foundation issue's reference config),
 #   - a ~0.9B Llama at seq 2048 in bf16: cuDNN vs XLA attention, no remat vs dots remat,
 #   - MoE vs the dense model with the same active parameters: the MoE issue's CPU config (2 layers, d 256,
-#     4 experts top-2 of width 512, seq 128) and a GPU-sized one (8 layers, d 1024, 8 experts top-2 of 2816).
+#     4 experts top-2 of width 512, seq 128) and a GPU-sized one (8 layers, d 1024, 8 experts top-2 of 2816):
+#     dropless with the blocked grouped matmul (auto on GPU) and with ragged_dot, and the capacity path.
 # Run from the repo root on a one-GPU machine where maxlm's dependencies import (PYTHONPATH=. is enough):
 #   bash tests/benchmarks/gpu.sh [OUT_DIR]
 # Writes OUT_DIR/gpu_bench.jsonl (one `maxlm bench --json` line per config) and prints everything.
@@ -18,6 +19,7 @@ $py -c "import jax, flax, optax, orbax.checkpoint as o, grain; print('jax', jax.
 'optax', optax.__version__, 'grain', grain.__version__ if hasattr(grain, '__version__') else '?', jax.devices())"
 
 $py -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -5
+$py tests/benchmarks/bench_ragged_dot.py
 
 one="mesh.data=1,mesh.fsdp=1,mesh.tensor=1"
 # ~0.9B: d 2048, 16 layers, 16 heads / 8 KV heads, SwiGLU 5632, vocab 32000 (TinyLlama-like widths, more depth).
@@ -35,5 +37,7 @@ $py tests/benchmarks/bench_step.py --steps 20 \
   "tiny-moe:$moe_s,train.global_batch_size=64" \
   "tiny-moe:$moe_s,train.global_batch_size=64,model.ffn=mlp,model.ffn_dim=1024" \
   "tiny-moe:$moe_m,train.global_batch_size=8" \
+  "tiny-moe:$moe_m,train.global_batch_size=8,model.moe_matmul=ragged_dot" \
+  "tiny-moe:$moe_m,train.global_batch_size=8,model.capacity_factor=1.25" \
   "tiny-moe:$moe_m,train.global_batch_size=8,model.ffn=mlp,model.ffn_dim=5632" \
   | tee "$out/gpu_bench.jsonl"
