@@ -102,6 +102,20 @@ def _saved_maxlm_state(tmp_path: Path, *overrides: str):
     return cfg, jax.device_get(state.params)
 
 
+def assert_imports_bit_identical(tmp_path: Path, model_cfg, params) -> None:
+    """`maxlm convert from-hf` of `tmp_path/hf`, scanned and unscanned, gives back `params` bit for bit."""
+    leaves = {leaf.path: leaf for leaf in param_leaves(model_cfg)}
+    for scan in ("true", "false"):
+        out = tmp_path / f"back-{scan}"
+        assert convert_main(["from-hf", str(tmp_path / "hf"), str(out), f"model.scan_layers={scan}"]) == 0
+        back = model_config_from_meta(read_meta(str(out / "0")))
+        restored = ocp.StandardCheckpointer().restore(str(out / "0" / "params"), nn.unbox(abstract_params(back)))
+        for leaf in param_leaves(back):
+            got = np.asarray(_get(restored, leaf.path))
+            for j, (layer, local) in enumerate(leaf.units()):
+                np.testing.assert_array_equal(got[j] if leaf.stacked else got, _unit(params, leaves, layer, local))
+
+
 def test_maxlm_to_hf_to_maxlm_is_bit_identical(tmp_path: Path) -> None:
     cfg, params = _saved_maxlm_state(tmp_path)
     # Through the `maxlm convert` command; small shards exercise the sharded layout and its index.
@@ -110,18 +124,7 @@ def test_maxlm_to_hf_to_maxlm_is_bit_identical(tmp_path: Path) -> None:
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
     ids = IDS % cfg.model.vocab_size
     np.testing.assert_allclose(hf_logits(hf, ids), apply(cfg.model, params, ids), atol=1e-4, rtol=0)
-    # Back, in both layouts: every parameter bit for bit.
-    leaves = {leaf.path: leaf for leaf in param_leaves(cfg.model)}
-    for scan in ("true", "false"):
-        out = tmp_path / f"back-{scan}"
-        assert convert_main(["from-hf", str(tmp_path / "hf"), str(out), f"model.scan_layers={scan}"]) == 0
-        meta = read_meta(str(out / "0"))
-        restored = ocp.StandardCheckpointer().restore(str(out / "0" / "params"),
-                                                      nn.unbox(abstract_params(model_config_from_meta(meta))))
-        for leaf in param_leaves(model_config_from_meta(meta)):
-            got = np.asarray(_get(restored, leaf.path))
-            for j, (layer, local) in enumerate(leaf.units()):
-                np.testing.assert_array_equal(got[j] if leaf.stacked else got, _unit(params, leaves, layer, local))
+    assert_imports_bit_identical(tmp_path, cfg.model, params)
     # The unscanned checkpoint exports to the same tensors as the scanned one, also when large tensors (here all
     # above 1 kB: the embedding, lm_head, MLP weights) go through in row blocks; and they come back the same.
     to_hf(str(tmp_path / "back-false"), str(tmp_path / "hf2"), block_bytes=1000)

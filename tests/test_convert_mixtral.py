@@ -16,24 +16,21 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import flax.linen as nn
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from maxlm.config import ConfigError, load_config, resolve_config_path
 from maxlm.convert.cli import main as convert_main, model_overrides
 from maxlm.convert.hf import from_hf, hf_config_from_model, model_config_from_hf, to_hf
-from maxlm.convert.layout import param_leaves
 from maxlm.convert.params_store import model_config_from_meta
 from maxlm.convert.safetensors_io import INDEX_FILE, SafetensorsReader
 from maxlm.mesh import build_mesh, logical_rules
-from maxlm.model import Decoder, abstract_params
+from maxlm.model import Decoder
 from maxlm.train.checkpoint import load_parameters, read_meta
 from maxlm.train.optimizer import make_optimizer
 from maxlm.train.state import state_layout
-from test_convert import _get, _saved_maxlm_state, _unit, apply, hf_logits, maxlm_logits
+from test_convert import _saved_maxlm_state, apply, assert_imports_bit_identical, hf_logits, maxlm_logits
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -117,17 +114,7 @@ def test_maxlm_to_hf_to_maxlm_is_bit_identical(tmp_path: Path) -> None:
     hf = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
     ids = IDS % cfg.model.vocab_size
     np.testing.assert_allclose(hf_logits(hf, ids), apply(cfg.model, params, ids), atol=1e-4, rtol=0)
-    # Back, in both layouts: every parameter bit for bit.
-    leaves = {leaf.path: leaf for leaf in param_leaves(cfg.model)}
-    for scan in ("true", "false"):
-        out = tmp_path / f"back-{scan}"
-        assert convert_main(["from-hf", str(tmp_path / "hf"), str(out), f"model.scan_layers={scan}"]) == 0
-        back = model_config_from_meta(read_meta(str(out / "0")))
-        restored = ocp.StandardCheckpointer().restore(str(out / "0" / "params"), nn.unbox(abstract_params(back)))
-        for leaf in param_leaves(back):
-            got = np.asarray(_get(restored, leaf.path))
-            for j, (layer, local) in enumerate(leaf.units()):
-                np.testing.assert_array_equal(got[j] if leaf.stacked else got, _unit(params, leaves, layer, local))
+    assert_imports_bit_identical(tmp_path, cfg.model, params)  # back, in both layouts: every parameter
     # The unscanned checkpoint exports to the same tensors.
     to_hf(str(tmp_path / "back-false"), str(tmp_path / "hf2"))
     first, second = SafetensorsReader(str(tmp_path / "hf")), SafetensorsReader(str(tmp_path / "hf2"))
