@@ -15,7 +15,41 @@ import numpy as np
 from maxlm.data.sources import Piece, _decode, _WarnOnce
 
 
-class ParquetSource:
+class _SegmentedSource:
+    """Shared by the record sources: documents are numbered across segments (row groups, record spans) of known
+    sizes, and each thread keeps its own open readers, which are not pickled into grain worker processes."""
+
+    _warn: _WarnOnce
+
+    def _index_segments(self, sizes: list[int]) -> None:
+        """Call at the end of __init__, once every file was opened (or skipped with a warning)."""
+        self.static_bad = self._warn.count
+        self._offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+        self._local = threading.local()
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    @property
+    def bad_count(self) -> int:
+        return self._warn.count
+
+    def _segment(self, index: int) -> tuple[int, int]:
+        """(segment, position inside it) of document `index`."""
+        k = int(np.searchsorted(self._offsets, index, side="right")) - 1
+        return k, index - int(self._offsets[k])
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_local")  # open files and decoded data stay with their thread
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+
+class ParquetSource(_SegmentedSource):
     """Each row of each Parquet file is one document, its text in column `text_field`.
 
     Parquet is read a row group at a time; each reader thread keeps the last row groups it decoded, so sequential
@@ -55,22 +89,13 @@ class ParquetSource:
             for g in range(p.lo, hi):
                 groups.append((i, g))
                 sizes.append(meta.metadata.row_group(g).num_rows)
-        self.static_bad = self._warn.count
         self._groups = groups
-        self._offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
-        self._local = threading.local()
-
-    def __len__(self) -> int:
-        return int(self._offsets[-1])
-
-    @property
-    def bad_count(self) -> int:
-        return self._warn.count
+        self._index_segments(sizes)
 
     def _locate(self, index: int) -> tuple[int, int, int]:
-        k = int(np.searchsorted(self._offsets, index, side="right")) - 1
+        k, r = self._segment(index)
         fi, g = self._groups[k]
-        return fi, g, index - int(self._offsets[k])
+        return fi, g, r
 
     def describe(self, index: int) -> str:
         fi, g, r = self._locate(index)
@@ -102,17 +127,8 @@ class ParquetSource:
             return None
         return value
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state.pop("_local")  # open files and decoded row groups stay with their thread
-        return state
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._local = threading.local()
-
-
-class ArrayRecordSource:
+class ArrayRecordSource(_SegmentedSource):
     """Each record of each ArrayRecord file is one document: its UTF-8 text."""
 
     def __init__(self, files: list[str] | list[Piece]) -> None:
@@ -130,22 +146,13 @@ class ArrayRecordSource:
             hi = n if p.hi < 0 else min(p.hi, n)
             if hi > p.lo:
                 spans.append((i, p.lo, hi - p.lo))
-        self.static_bad = self._warn.count
         self._spans = spans
-        self._offsets = np.concatenate([[0], np.cumsum([c for _, _, c in spans], dtype=np.int64)])
-        self._local = threading.local()
-
-    def __len__(self) -> int:
-        return int(self._offsets[-1])
-
-    @property
-    def bad_count(self) -> int:
-        return self._warn.count
+        self._index_segments([c for _, _, c in spans])
 
     def _locate(self, index: int) -> tuple[int, int]:
-        k = int(np.searchsorted(self._offsets, index, side="right")) - 1
+        k, r = self._segment(index)
         fi, first, _ = self._spans[k]
-        return fi, first + index - int(self._offsets[k])
+        return fi, first + r
 
     def describe(self, index: int) -> str:
         fi, r = self._locate(index)
@@ -163,15 +170,6 @@ class ArrayRecordSource:
             reader = readers[fi] = ArrayRecordReader(self.files[fi], "readahead_buffer_size:0,max_parallelism:0")
         raw = reader.read([r])[0]
         return _decode(raw, f"{self.files[fi]}:record {r}", self._warn)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state.pop("_local")
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._local = threading.local()
 
 
 def _num_records(path: str) -> int | None:
