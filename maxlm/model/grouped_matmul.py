@@ -146,11 +146,12 @@ class _Blocks(NamedTuple):
         end_E = jnp.cumsum(sizes_E)
         start_E = end_E - sizes_E
         r_R = jnp.arange(R)
-        e_R = jnp.minimum(jnp.sum(pad_end_E[None, :] <= r_R[:, None], axis=1), E - 1)  # E is small: a compare
+        # Group of every row: a binary search over E boundaries (O(rows log E), no [rows, E] intermediate).
+        e_R = jnp.minimum(jnp.searchsorted(pad_end_E, r_R, side="right"), E - 1)
         offset_R = r_R - pad_start_E[e_R]
         src_R = jnp.where((offset_R >= 0) & (offset_R < sizes_E[e_R]), start_E[e_R] + offset_R, M)
         m_M = jnp.arange(M)
-        e_M = jnp.minimum(jnp.sum(end_E[None, :] <= m_M[:, None], axis=1), E - 1)
+        e_M = jnp.minimum(jnp.searchsorted(end_E, m_M, side="right"), E - 1)
         dst_M = jnp.where(m_M < end_E[-1], pad_start_E[e_M] + m_M - start_E[e_M], R)
         return _Blocks(src_R, dst_M, e_R[::Q], Q)
 
