@@ -10,7 +10,8 @@ import jax
 
 from maxlm.config import Config
 from maxlm.mesh import mesh_context
-from maxlm.train.loop import build_run, throughput
+from maxlm.train.builder import build_run
+from maxlm.train.loop import throughput
 
 
 def peak_bytes_per_device(compiled: Any) -> tuple[int | None, str]:

@@ -68,7 +68,7 @@ class ParamCount:
 
 
 def attention_params(m: ModelConfig) -> int:
-    hd = m.head_dim or m.d_model // m.n_heads
+    hd = m.head_dim_resolved
     return m.d_model * hd * (2 * m.n_heads + 2 * m.n_kv_heads)  # q, o: H heads; k, v: K heads
 
 
@@ -135,7 +135,7 @@ def flops_per_token(m: ModelConfig, seq_len: int) -> float:
     attention scores and weighted values (QK^T and AV, 2 FLOPs per multiply-add, x3 for backward), not halved for
     the causal mask, as in PaLM/MaxText. Norm scales are negligible and left out.
     """
-    hd = m.head_dim or m.d_model // m.n_heads
+    hd = m.head_dim_resolved
     n_matmul = layer_matmul_params(m) + m.vocab_size * m.d_model
     return 6.0 * n_matmul + 12.0 * m.n_layers * m.n_heads * hd * seq_len
 

@@ -19,6 +19,7 @@ from maxlm.flops import count_params
 from maxlm.mesh import logical_rules
 from maxlm.model import abstract_params
 from maxlm.train.optimizer import make_optimizer
+from maxlm.treepath import path_name
 
 
 def _per_device(shape: tuple[int, ...], spec: Any, mesh_shape: dict[str, int]) -> int:
@@ -44,7 +45,7 @@ def inspect_config(cfg: Config, num_devices: int) -> dict[str, Any]:
     logical_flat = jax.tree_util.tree_leaves(logical, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
     specs = {}
     for (path, leaf), lspec in zip(flat, logical_flat):
-        name = ".".join(str(getattr(k, "key", k)) for k in path)
+        name = path_name(path, ".")
         mspec = nn.logical_to_mesh_axes(tuple(lspec), rules)
         specs[name] = mspec
         nbytes = _per_device(leaf.shape, mspec, mesh_shape) * np.dtype(leaf.dtype).itemsize
@@ -67,7 +68,7 @@ def inspect_config(cfg: Config, num_devices: int) -> dict[str, Any]:
 def _opt_leaves_with_specs(tx: Any, opt: Any, params: Any, specs: dict[str, Any]) -> list[tuple[Any, Any]]:
     import optax
 
-    names = jax.tree_util.tree_map_with_path(lambda p, _: ".".join(str(getattr(k, "key", k)) for k in p), params)
+    names = jax.tree_util.tree_map_with_path(lambda p, _: path_name(p, "."), params)
     spec_tree = optax.tree_map_params(tx, lambda _, n: specs[n], opt, names,
                                       transform_non_params=lambda _: jax.sharding.PartitionSpec())
     leaves = jax.tree_util.tree_leaves(opt)

@@ -16,7 +16,8 @@ import optax
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from maxlm.config import MESH_AXES, Config, ConfigError
+from maxlm.config import MESH_AXES, Config, ConfigError, resolve_mesh_shape
+from maxlm.treepath import path_name
 
 LogicalRules = tuple[tuple[str, Any], ...]
 
@@ -32,7 +33,7 @@ def build_mesh(cfg: Config, devices: list[jax.Device] | None = None) -> Mesh:
     Axis types are Auto: with Explicit axes (jax.make_mesh's new default) sharding constraints become assertions.
     """
     devices = devices if devices is not None else jax.devices()
-    shape = cfg.mesh_shape(len(devices))
+    shape = resolve_mesh_shape(cfg.mesh, len(devices))
     ici = [shape[f"ici_{a}"] for a in MESH_AXES]
     dcn = [shape[f"dcn_{a}"] for a in MESH_AXES]
     if math.prod(dcn) > 1:
@@ -86,7 +87,7 @@ def check_divisible(abstract: Any, shardings: Any, mesh: Mesh) -> None:
             axes = axes if isinstance(axes, tuple) else (axes,)
             n = math.prod(mesh.shape[a] for a in axes)
             if dim % n:
-                raise ConfigError(f"parameter {jax.tree_util.keystr(path)} of shape {tuple(leaf.shape)}: dimension "
+                raise ConfigError(f"parameter {path_name(path)} of shape {tuple(leaf.shape)}: dimension "
                                   f"{dim} cannot be split over mesh axes {axes} (size {n}); change mesh.rules or "
                                   f"the mesh sizes")
 
@@ -95,25 +96,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def batch_sharding(mesh: Mesh, rules: LogicalRules) -> NamedSharding:
-    """Sharding of [batch, length] data arrays: rows split over the data-parallel axes."""
-    return NamedSharding(mesh, nn.logical_to_mesh_axes(("act_batch", "act_length"), rules))
-
-
-def data_parallel_size(mesh: Mesh, rules: LogicalRules) -> int:
-    spec = nn.logical_to_mesh_axes(("act_batch",), rules)[0]
-    axes = () if spec is None else spec if isinstance(spec, tuple) else (spec,)
-    return math.prod(mesh.shape[a] for a in axes)
-
-
 def opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state: Any, param_shardings: Any,
                         mesh: Mesh) -> Any:
     """Optimizer moments follow their parameter's sharding; scalars (counts) are replicated."""
     return optax.tree_map_params(tx, lambda _, s: s, abstract_opt_state, param_shardings,
                                  transform_non_params=lambda _: replicated(mesh),
                                  is_leaf=lambda x: isinstance(x, NamedSharding))
-
-
-def make_global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-    """This process's rows -> global `jax.Array`s (multi-host: each host passes only its own rows)."""
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}

@@ -27,8 +27,10 @@ from maxlm.cli import main as cli_main
 from maxlm.config import ConfigError
 from maxlm.mesh import build_mesh, logical_rules
 from maxlm.model import Decoder
-from maxlm.train.checkpoint import Checkpointer, load_parameters, read_meta, resolve_step_dir
-from maxlm.train.loop import NonFiniteError, build_run, train, trim_metrics
+from maxlm.checkpoint_format import read_meta, resolve_step_dir
+from maxlm.train.checkpoint import Checkpointer, load_parameters
+from maxlm.train.builder import build_run
+from maxlm.train.loop import NonFiniteError, train, trim_metrics
 from maxlm.train.metrics import read_metrics
 from maxlm.train.optimizer import make_optimizer
 from maxlm.train.state import init_state, state_layout

@@ -85,7 +85,7 @@ def test_mesh_auto_fill() -> None:
 
 
 def test_cudnn_attention_without_a_gpu_fails_before_compiling() -> None:
-    from maxlm.train.loop import build_run
+    from maxlm.train.builder import build_run
 
     with pytest.raises(ConfigError, match="model.attention=cudnn needs an NVIDIA GPU"):
         build_run(load_config(resolve_config_path("tiny"), ["model.attention=cudnn"]))

@@ -27,7 +27,8 @@ from maxlm.convert.params_store import model_config_from_meta
 from maxlm.convert.safetensors_io import INDEX_FILE, SafetensorsReader
 from maxlm.mesh import build_mesh, logical_rules
 from maxlm.model import Decoder, abstract_params
-from maxlm.train.checkpoint import Checkpointer, load_parameters, read_meta
+from maxlm.checkpoint_format import read_meta
+from maxlm.train.checkpoint import Checkpointer, load_parameters
 from maxlm.train.optimizer import make_optimizer
 from maxlm.train.state import init_state, state_layout
 

@@ -27,7 +27,8 @@ from maxlm.convert.params_store import model_config_from_meta
 from maxlm.convert.safetensors_io import INDEX_FILE, SafetensorsReader
 from maxlm.mesh import build_mesh, logical_rules
 from maxlm.model import Decoder
-from maxlm.train.checkpoint import load_parameters, read_meta
+from maxlm.checkpoint_format import read_meta
+from maxlm.train.checkpoint import load_parameters
 from maxlm.train.optimizer import make_optimizer
 from maxlm.train.state import state_layout
 from test_convert import _saved_maxlm_state, apply, assert_imports_bit_identical, hf_logits, maxlm_logits

@@ -31,7 +31,8 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 
 def test_eval_loss_and_bits_per_byte_in_metrics(tmp_path: Path, corpus: tuple[Path, str]) -> None:
     from maxlm.train.evaluate import make_evaluator
-    from maxlm.train.loop import build_run, train
+    from maxlm.train.builder import build_run
+    from maxlm.train.loop import train
 
     root, tok = corpus
     cfg = tiny_config("data.source=jsonl", f"data.path={root}/docs.jsonl", f"data.tokenizer={tok}",

@@ -85,7 +85,7 @@ def test_mixture_config_is_typed_and_checked(tmp_path: Path, tok: str) -> None:
         f"data.tokenizer={tok}", "data.stage_starts=[0.9]",
         f"data.mixture=[{{name: web, path: '{web}', weight: 0.7, stage_weights: [0.2]}}, "
         f"{{name: syn, format: synthetic, weight: 0.3, stage_weights: [0.8]}}]"])
-    from maxlm.data.spec import components
+    from maxlm.config.data_spec import components
 
     web_c, syn_c = components(ok.data)
     assert (web_c.format, web_c.weight, web_c.weight_at(1), syn_c.weight_at(1)) == ("jsonl", 0.7, 0.2, 0.8)

@@ -16,15 +16,15 @@ import pytest
 from helpers import random_batch
 from maxlm.config import ConfigError, ModelConfig, config_dir, load_config, resolve_config_path, validate
 from maxlm.flops import attention_params, count_params, flops_per_token
-from maxlm.mesh import batch_sharding, build_mesh, logical_rules, make_global_batch, mesh_context
+from maxlm.mesh import build_mesh, logical_rules, mesh_context
+from maxlm.train.batch import LmBatch, global_batch, local_batch
 from maxlm.model import Decoder, abstract_params, count_params_eval_shape
 from maxlm.model.grouped_matmul import blocked_grouped_matmul, tiled_grouped_matmul
 from maxlm.model.moe import MoE, capacity_per_sequence, load_balance_loss, route, router_bias_update, router_z_loss
-from maxlm.model.transformer import layer_groups, layer_kinds, layer_subtree
-from maxlm.train.losses import OBJECTIVES
-from maxlm.train.optimizer import make_optimizer
-from maxlm.train.state import init_state_from_params, state_layout
-from maxlm.train.step import make_train_step
+from maxlm.model.stack import layer_groups, layer_kinds, layer_subtree
+from maxlm.train.objectives import OBJECTIVES
+from maxlm.train.builder import build_core
+from maxlm.train.state import init_state_from_params
 
 SMALL = ModelConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, ffn="moe",
                     num_experts=8, experts_per_token=2, moe_ffn_dim=16, dtype="float32")
@@ -231,19 +231,13 @@ def _train_losses(overrides: list[str], steps: int = 5) -> tuple[np.ndarray, dic
     """Losses of `steps` train steps of tiny-moe (and the last step's metrics), from weights drawn on the host so
     that every mesh starts equal and only the step is compiled."""
     cfg = load_config(resolve_config_path("tiny-moe"), overrides)
-    validate(cfg, jax.device_count())
-    mesh, rules = build_mesh(cfg), logical_rules(cfg)
-    model = Decoder(cfg.model)
-    tx, schedule = make_optimizer(cfg)
-    layout = state_layout(cfg, model, tx, mesh, rules)
-    params = jax.device_put(_model_params(cfg.model), layout.shardings.params)
-    state = init_state_from_params(params, tx, layout, mesh, rules)
-    bsh = batch_sharding(mesh, rules)
-    step = make_train_step(OBJECTIVES["pretrain"](cfg, model), tx, schedule, cfg.train.grad_accum, layout.shardings,
-                           bsh, mesh, rules)
+    core = build_core(cfg)
+    params = jax.device_put(_model_params(cfg.model), core.layout.shardings.params)
+    state = init_state_from_params(params, core.tx, core.layout, core.mesh, core.rules)
+    bsh, step = core.batch_shardings, core.step_fn
     losses = []
     for i in range(steps):
-        batch = make_global_batch(random_batch(cfg.train.global_batch_size, cfg.data.seq_len, cfg.model.vocab_size,
+        batch = global_batch(LmBatch, random_batch(cfg.train.global_batch_size, cfg.data.seq_len, cfg.model.vocab_size,
                                                seed=i, docs_per_row=2), bsh)
         state, metrics = step(state, batch, jax.random.key(1))
         losses.append(float(metrics["loss"]))
@@ -366,12 +360,12 @@ def test_router_bias_update_moves_load_towards_balance() -> None:
                                                         "mesh.fsdp=1", "mesh.expert=1"])
     m = cfg.model
     model = Decoder(m)
-    batch = random_batch(16, 64, 256)
+    batch = local_batch(LmBatch, random_batch(16, 64, 256))
     params = _model_params(m)
     # Start overloaded: a selection bias that puts experts 0 and 1 in every token's top 2.
     params["layers"]["moe"]["router_bias"] = params["layers"]["moe"]["router_bias"].at[:, :2].set(0.3)
-    loss_fn = jax.jit(OBJECTIVES["pretrain"](cfg, model))
-    update = jax.jit(lambda old, new, metrics: router_bias_update(m, old, new, metrics))
+    loss_fn = jax.jit(OBJECTIVES["pretrain"].make_loss(cfg, model))
+    update = jax.jit(lambda old, new, metrics: router_bias_update(m, old, new, metrics["stats"]))
     ratios = []
     for _ in range(20):
         _, metrics = loss_fn(params, batch, jax.random.key(0))
@@ -387,13 +381,13 @@ def test_router_bias_update_moves_load_towards_balance() -> None:
         1 / 8 - np.array([[metrics[f"moe/layer{i}/load_e{j}"] for j in range(8)] for i in (0, 1)])), atol=1e-6)
     assert float(out["layers"]["moe"]["router"][0, 0, 0]) == float(moved["layers"]["moe"]["router"][0, 0, 0])
     softmax = dataclasses.replace(m, router_scoring="softmax")
-    assert router_bias_update(softmax, params, moved, metrics) is moved
+    assert router_bias_update(softmax, params, moved, metrics["stats"]) is moved
 
 
 def test_train_step_applies_router_bias_balancing() -> None:
     """`maxlm train`'s step (built by build_run) moves each sigmoid-router bias by exactly gamma * sign(1/E - load)
     per step, from the step's own loads, and leaves softmax routers without a hook."""
-    from maxlm.train.loop import build_run
+    from maxlm.train.builder import build_run
 
     rate = 0.01
     cfg = load_config(resolve_config_path("tiny-moe"), ["model.router_scoring=sigmoid",

@@ -2,7 +2,7 @@
 
 Both processes are started by `launch/local_multiprocess.sh` (4 fake CPU devices each, one 8-device mesh). Each
 builds only its own data shard, turns its rows into a global batch with `jax.make_array_from_process_local_data`
-(maxlm.mesh.make_global_batch) and gathers it back. The union of the two processes' rows must equal the global
+(maxlm.train.batch.global_batch) and gathers it back. The union of the two processes' rows must equal the global
 batch a single process assembles from both shards, and the files each process opened must be disjoint.
 """
 
@@ -34,7 +34,8 @@ from jax.experimental import multihost_utils
 from maxlm.config import load_config, resolve_config_path
 from maxlm.data import build_dataset
 from maxlm.data.sources import TextFileSource
-from maxlm.mesh import batch_sharding, build_mesh, logical_rules, make_global_batch
+from maxlm.mesh import build_mesh, logical_rules
+from maxlm.train.batch import LmBatch, batch_shardings, global_batch
 
 opened = set()
 _read = TextFileSource.__getitem__
@@ -49,13 +50,13 @@ n, i = jax.process_count(), jax.process_index()
 assert n == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
 it = iter(build_dataset(cfg.data, vocab_size=cfg.model.vocab_size, batch_size=cfg.train.global_batch_size // n,
                         seed=cfg.seed, shard_index=i, shard_count=n))
-sharding = batch_sharding(build_mesh(cfg), logical_rules(cfg))
+shardings = batch_shardings(LmBatch, build_mesh(cfg), logical_rules(cfg))
 batches = []
 for _ in range(steps):
-    global_batch = make_global_batch(next(it), sharding)
-    assert global_batch["inputs"].shape == (cfg.train.global_batch_size, cfg.data.seq_len)
-    full = multihost_utils.process_allgather(global_batch, tiled=True)
-    batches.append({k: np.asarray(v).tolist() for k, v in full.items()})
+    gb = global_batch(LmBatch, next(it), shardings)
+    assert gb.inputs.shape == (cfg.train.global_batch_size, cfg.data.seq_len)
+    full = multihost_utils.process_allgather(gb, tiled=True)
+    batches.append({k: np.asarray(getattr(full, k)).tolist() for k in LmBatch.FIELDS})
 it.close()
 with open(f"{out_dir}/process{i}.json", "w") as f:
     json.dump({"opened": sorted(opened), "batches": batches}, f)

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 
 from helpers import random_batch, tiny_config
-from maxlm.mesh import batch_sharding, build_mesh, logical_rules, make_global_batch, mesh_context
+from maxlm.mesh import build_mesh, logical_rules, mesh_context
+from maxlm.train.batch import LmBatch, batch_shardings, global_batch
 from maxlm.model import Decoder
 from maxlm.train.loop import train
-from maxlm.train.losses import OBJECTIVES
+from maxlm.train.objectives import OBJECTIVES
 from maxlm.train.metrics import read_metrics
 from maxlm.train.optimizer import decay_mask, lr_schedule, make_optimizer
 from maxlm.train.state import init_state, state_layout
@@ -40,11 +41,11 @@ def _grads(cfg, batch):
     tx, _ = make_optimizer(cfg)
     layout = state_layout(cfg, model, tx, mesh, rules)
     state = init_state(cfg, model, tx, layout, mesh, rules, jax.random.key(0))
-    bsh = batch_sharding(mesh, rules)
-    loss_fn = OBJECTIVES["pretrain"](cfg, model)
+    bsh = batch_shardings(LmBatch, mesh, rules)
+    loss_fn = OBJECTIVES["pretrain"].make_loss(cfg, model)
     fn = jax.jit(lambda p, b: grads_and_metrics(loss_fn, p, b, jax.random.key(1), cfg.train.grad_accum, bsh))
     with mesh_context(mesh, rules):
-        return jax.device_get(fn(state.params, make_global_batch(batch, bsh)))
+        return jax.device_get(fn(state.params, global_batch(LmBatch, batch, bsh)))
 
 
 @pytest.mark.parametrize("k", [2, 4])

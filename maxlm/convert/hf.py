@@ -31,7 +31,7 @@ from maxlm.convert.mapping import REQUIRED, Architecture, TensorMap
 from maxlm.convert.mixtral import MIXTRAL
 from maxlm.convert.params_store import CheckpointUnitSource, ParamsWriter
 from maxlm.convert.safetensors_io import PlannedTensor, SafetensorsReader, SafetensorsWriter
-from maxlm.train.checkpoint import ITEM_META, META_FILE, make_meta, read_meta, resolve_step_dir
+from maxlm.checkpoint_format import ITEM_META, META_FILE, make_meta, read_meta, resolve_step_dir
 
 ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (LLAMA, MIXTRAL)}
 CONFIG_FILE = "config.json"
@@ -102,7 +102,7 @@ def hf_config_from_model(cfg: ModelConfig, *, max_position_embeddings: int, dtyp
     out: dict[str, Any] = {"architectures": [arch.hf_class], "model_type": arch.model_type}
     for key in arch.config_keys:
         value = getattr(cfg, key.field)
-        out[key.hf] = (cfg.head_dim or cfg.d_model // cfg.n_heads) if key.field == "head_dim" else value
+        out[key.hf] = cfg.head_dim_resolved if key.field == "head_dim" else value
     out |= arch.extra_hf_config(cfg)
     out |= {"max_position_embeddings": max_position_embeddings, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID,
             "pad_token_id": PAD_ID, "dtype": dtype, "torch_dtype": dtype, "use_cache": True}
@@ -112,7 +112,7 @@ def hf_config_from_model(cfg: ModelConfig, *, max_position_embeddings: int, dtyp
 def _compare_model(hf: dict[str, Any], cfg: ModelConfig, where: str, hf_dir: str) -> None:
     """One line naming every config.json value that disagrees with the run's model config."""
     arch, fields = model_fields_from_hf(hf, where)
-    effective = dataclasses.replace(cfg, head_dim=cfg.head_dim or cfg.d_model // cfg.n_heads,
+    effective = dataclasses.replace(cfg, head_dim=cfg.head_dim_resolved,
                                     moe_ffn_dim=cfg.moe_ffn_dim or cfg.ffn_dim)
     hf_name = {k.field: k.hf for k in arch.config_keys}
     training_only = {k.field for k in arch.config_keys if k.training_only}

@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from maxlm.config import ConfigError, ModelConfig
+from maxlm.treepath import path_parts
 
 Local = tuple[str, ...]
 Unit = tuple[int | None, Local]  # (layer index or None for a global tensor, path inside the layer / params tree)
@@ -50,7 +51,8 @@ class Leaf:
 
 def param_leaves(cfg: ModelConfig) -> list[Leaf]:
     """Every parameter leaf of the model `cfg` builds, classified as global or per-layer (scanned or not)."""
-    from maxlm.model.transformer import abstract_params, layer_path
+    from maxlm.model.stack import layer_path
+    from maxlm.model.transformer import abstract_params
 
     by_prefix: dict[tuple[str, ...], list[tuple[int, int | None]]] = {}
     for i in range(cfg.n_layers):
@@ -59,7 +61,7 @@ def param_leaves(cfg: ModelConfig) -> list[Leaf]:
     leaves = []
     flat, _ = jax.tree_util.tree_flatten_with_path(nn.unbox(abstract_params(cfg)))
     for key_path, leaf in flat:
-        path = tuple(str(getattr(k, "key", k)) for k in key_path)
+        path = path_parts(key_path)
         prefix = max((p for p in by_prefix if path[:len(p)] == p), key=len, default=None)
         shape, dtype = tuple(leaf.shape), np.dtype(leaf.dtype)
         if prefix is None:
@@ -127,7 +129,7 @@ def assemble_params(source: UnitSource, cfg: ModelConfig, abstract: Any, where: 
     cache = UnitCache(source)
 
     def build(key_path: Any, target: jax.ShapeDtypeStruct) -> jax.Array:
-        leaf = leaves[tuple(str(getattr(k, "key", k)) for k in key_path)]
+        leaf = leaves[path_parts(key_path)]
         dtype = np.dtype(target.dtype)
 
         def shard(index: tuple[slice, ...]) -> np.ndarray:

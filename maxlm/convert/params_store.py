@@ -22,7 +22,7 @@ from etils import epath
 
 from maxlm.config import ConfigError, ModelConfig
 from maxlm.convert.layout import Leaf, Unit, chunk_shape, param_leaves, unit_name
-from maxlm.train.checkpoint import ITEM_PARAMS, absolute, read_meta
+from maxlm.checkpoint_format import ITEM_PARAMS, absolute, read_meta
 
 ORBAX_METADATA = "_METADATA"
 WRITE_BLOCK_BYTES = 64 * 2**20  # the most converted data held at once while writing

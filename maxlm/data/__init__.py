@@ -1,7 +1,7 @@
 """Data: the sentencepiece tokenizer and the grain pretraining pipeline (see pipeline.py for the stage order).
 
-Names are resolved lazily (PEP 562) so that `maxlm.config` can validate the `data` section through the light
-`maxlm.data.spec` module without importing grain and sentencepiece: `maxlm config` stays fast.
+Names are resolved lazily (PEP 562): importing one light module of the package never imports grain and
+sentencepiece. The `data` section's schema and checks live in `maxlm.config.data_spec`.
 """
 
 from __future__ import annotations

@@ -68,7 +68,7 @@ def bench_data(cfg: Config, *, batches: int = 100, warmup: int = 5, workers: int
     """Times (1) the on-the-fly pipeline with `workers` grain processes, (2) building the cache (into a temporary
     directory unless `data.cache_dir` already holds one), (3) reading it, raw and as packed batches."""
     from maxlm.data.prepare import prepare_cache
-    from maxlm.data.spec import components
+    from maxlm.config.data_spec import components
 
     result: dict[str, Any] = {"batch_size": cfg.train.global_batch_size, "seq_len": cfg.data.seq_len}
     has_files = any(c.needs_files for c in components(cfg.data))

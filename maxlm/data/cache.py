@@ -27,7 +27,7 @@ import numpy as np
 
 from maxlm.config import ConfigError, DataConfig
 from maxlm.data.clean import eval_threshold
-from maxlm.data.spec import MixtureComponent
+from maxlm.config.data_spec import MixtureComponent
 
 CACHE_VERSION = 1
 MANIFEST = "manifest.json"

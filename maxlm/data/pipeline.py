@@ -35,8 +35,9 @@ from maxlm.config import ConfigError, DataConfig
 from maxlm.data.cache import Cache
 from maxlm.data.clean import Filters, document_hash, eval_threshold
 from maxlm.data.mixture import TokenMixIterDataset
-from maxlm.data.sources import SyntheticSource, list_files, open_source
-from maxlm.data.spec import MixtureComponent, components, num_stages, stage_start_steps
+from maxlm.data.items import list_files
+from maxlm.data.sources import SyntheticSource, open_source
+from maxlm.config.data_spec import MixtureComponent, components, num_stages, stage_start_steps
 from maxlm.data.stream import DataStream
 from maxlm.data.tokenizer import BOS_ID, EOS_ID, Tokenizer, load_tokenizer
 

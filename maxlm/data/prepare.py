@@ -31,8 +31,9 @@ import numpy as np
 from maxlm.config import Config, ConfigError
 from maxlm.data import cache as C
 from maxlm.data.clean import FILTER_REASONS, Filters, document_hash, eval_threshold
-from maxlm.data.sources import Piece, list_files, open_source, split_lines
-from maxlm.data.spec import MixtureComponent, components
+from maxlm.data.items import Piece, list_files
+from maxlm.data.sources import open_source, split_lines
+from maxlm.config.data_spec import MixtureComponent, components
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +93,9 @@ def _cut_file(fmt: str, path: str, size: int, target: int) -> list[Piece]:
             return [Piece(path)]
         step = max(1, -(-groups // parts))
         return [Piece(path, g, min(g + step, groups)) for g in range(0, groups, step)] or [Piece(path)]
-    from maxlm.data.records import _num_records
+    from maxlm.data.records import num_records
 
-    n = _num_records(path)
+    n = num_records(path)
     if not n:
         return [Piece(path)]
     step = max(1, -(-n // parts))

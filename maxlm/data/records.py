@@ -12,14 +12,14 @@ from typing import Any
 
 import numpy as np
 
-from maxlm.data.sources import Piece, _decode, _WarnOnce
+from maxlm.data.items import Piece, WarnOnce, decode_utf8
 
 
 class _SegmentedSource:
     """Shared by the record sources: documents are numbered across segments (row groups, record spans) of known
     sizes, and each thread keeps its own open readers, which are not pickled into grain worker processes."""
 
-    _warn: _WarnOnce
+    _warn: WarnOnce
 
     def _index_segments(self, sizes: list[int]) -> None:
         """Call at the end of __init__, once every file was opened (or skipped with a warning)."""
@@ -66,7 +66,7 @@ class ParquetSource(_SegmentedSource):
         pieces = [p if isinstance(p, Piece) else Piece(p) for p in files]
         self.files = [p.path for p in pieces]
         self.text_field = text_field
-        self._warn = _WarnOnce("bad Parquet files or rows")
+        self._warn = WarnOnce("bad Parquet files or rows")
         # one entry per row group read: (file index, row group, first global row)
         groups: list[tuple[int, int]] = []
         sizes: list[int] = []
@@ -134,10 +134,10 @@ class ArrayRecordSource(_SegmentedSource):
     def __init__(self, files: list[str] | list[Piece]) -> None:
         pieces = [p if isinstance(p, Piece) else Piece(p) for p in files]
         self.files = [p.path for p in pieces]
-        self._warn = _WarnOnce("bad ArrayRecord records")
+        self._warn = WarnOnce("bad ArrayRecord records")
         spans: list[tuple[int, int, int]] = []  # (file index, first record, count)
         for i, p in enumerate(pieces):
-            n = _num_records(p.path)
+            n = num_records(p.path)
             if n is None:
                 self._warn(p.path, f"data: skipping {p.path}: not a readable ArrayRecord file")
                 continue
@@ -169,10 +169,10 @@ class ArrayRecordSource(_SegmentedSource):
         if reader is None:
             reader = readers[fi] = ArrayRecordReader(self.files[fi], "readahead_buffer_size:0,max_parallelism:0")
         raw = reader.read([r])[0]
-        return _decode(raw, f"{self.files[fi]}:record {r}", self._warn)
+        return decode_utf8(raw, f"{self.files[fi]}:record {r}", self._warn)
 
 
-def _num_records(path: str) -> int | None:
+def num_records(path: str) -> int | None:
     from array_record.python.array_record_module import ArrayRecordReader
 
     try:

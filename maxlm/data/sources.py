@@ -16,13 +16,11 @@ from __future__ import annotations
 import json
 import logging
 import re
-import threading
-from dataclasses import dataclass
-from typing import Any, Protocol
 
 import numpy as np
 
-from maxlm.config import ConfigError, expand_globs
+from maxlm.config import ConfigError
+from maxlm.data.items import DocumentSource, Piece, WarnOnce, decode_utf8
 
 log = logging.getLogger(__name__)
 
@@ -35,89 +33,9 @@ SYNTHETIC_MAX_ALPHABET = 64
 # Effectively infinite (more documents than any run reads); `repeat()` wraps around after it anyway.
 SYNTHETIC_NUM_DOCS = 2**31 - 1
 _SCAN_BLOCK = 64 << 20
-# Warnings per source object about skipped items; the rest are only counted (reported by `maxlm data prepare`).
-MAX_WARNINGS = 5
 # Blank-line document separators: a newline, then one or more lines holding only whitespace.
 _PARAGRAPH_BREAK = re.compile(rb"\n(?:[ \t\r\f\v]*\n)+")
 
-
-class DocumentSource(Protocol):
-    """What the pipeline and the cache builder need from a source."""
-
-    def __len__(self) -> int: ...
-
-    def __getitem__(self, index: int) -> Any: ...
-
-    def describe(self, index: int) -> str: ...
-
-    @property
-    def bad_count(self) -> int: ...
-
-    static_bad: int  # items rejected while indexing (empty or unreadable files), included in bad_count
-
-
-@dataclass(frozen=True)
-class Piece:
-    """A part of one input file: JSONL byte range [lo, hi) starting at line `line0`; Parquet row groups [lo, hi);
-    ArrayRecord records [lo, hi). `hi < 0` means to the end; text files are always whole (lo = hi = 0)."""
-
-    path: str
-    lo: int = 0
-    hi: int = -1
-    line0: int = 1
-
-
-def list_files(path: str, max_files: int = 0, key: str = "data.path") -> list[str]:
-    """The sorted file list behind a glob, capped at `max_files`; raises ConfigError when empty."""
-    files = expand_globs(path)
-    if not files:
-        raise ConfigError(f"{key}: no files match {path!r}; check the path or glob")
-    if max_files > 0:
-        files = files[:max_files]
-    return files
-
-
-class _WarnOnce:
-    """Counts skipped items and warns once per item, so a bad file is not re-reported every epoch."""
-
-    def __init__(self, what: str) -> None:
-        self._what = what
-        self._seen: set[object] = set()
-        self._items = 0
-        self._lock = threading.Lock()  # grain reads elements from several threads
-
-    def __call__(self, key: object, message: str, items: int = 1) -> None:
-        """Records `items` bad items under `key` (a file, or file:line) and warns the first time `key` is seen,
-        up to MAX_WARNINGS times per source (a corpus with thousands of empty files would bury everything else)."""
-        with self._lock:
-            if key in self._seen:
-                return
-            self._seen.add(key)
-            self._items += items
-            count, n = self._items, len(self._seen)
-        if n <= MAX_WARNINGS:
-            more = "; further ones are counted without a warning" if n == MAX_WARNINGS else ""
-            log.warning("%s (%d %s skipped so far%s)", message, count, self._what, more)
-
-    @property
-    def count(self) -> int:
-        """Bad items so far (a file rejected whole counts its rows)."""
-        return self._items
-
-    def __getstate__(self) -> dict[str, object]:
-        return {"what": self._what}
-
-    def __setstate__(self, state: dict[str, object]) -> None:
-        self.__init__(state["what"])  # type: ignore[misc, arg-type]
-
-
-def _decode(raw: bytes, where: str, warn: _WarnOnce) -> str | None:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        warn(where, f"data: skipping {where}: not UTF-8 (byte {e.start})")
-        return None
-    return text
 
 
 class TextFileSource:
@@ -127,7 +45,7 @@ class TextFileSource:
 
     def __init__(self, files: list[str]) -> None:
         self.files = list(files)
-        self._warn = _WarnOnce("unusable text files")
+        self._warn = WarnOnce("unusable text files")
 
     def __len__(self) -> int:
         return len(self.files)
@@ -147,7 +65,7 @@ class TextFileSource:
         if not raw:
             self._warn(path, f"data: skipping {path}: empty file")
             return None
-        return _decode(raw, path, self._warn)
+        return decode_utf8(raw, path, self._warn)
 
     def describe(self, index: int) -> str:
         return self.files[index]
@@ -158,7 +76,7 @@ class _SpanSource:
     `files`, `_warn`, `_file_ids`, `_starts`, `_ends`, `_line_nos`); each document is read on its own."""
 
     files: list[str]
-    _warn: _WarnOnce
+    _warn: WarnOnce
     _file_ids: np.ndarray
     _starts: np.ndarray
     _ends: np.ndarray
@@ -190,7 +108,7 @@ class ParagraphSource(_SpanSource):
 
     def __init__(self, files: list[str]) -> None:
         self.files = list(files)
-        self._warn = _WarnOnce("unusable text blocks")
+        self._warn = WarnOnce("unusable text blocks")
         file_ids, starts, ends, lines = [], [], [], []
         for i, path in enumerate(self.files):
             try:
@@ -217,7 +135,7 @@ class ParagraphSource(_SpanSource):
         self._line_nos = np.asarray(lines, np.int64)
 
     def __getitem__(self, index: int) -> str | None:
-        return _decode(self._read_span(index), self.describe(index), self._warn)
+        return decode_utf8(self._read_span(index), self.describe(index), self._warn)
 
 
 def _line_spans(path: str, lo: int = 0, hi: int = -1, line0: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -280,7 +198,7 @@ class JsonlSource(_SpanSource):
         pieces = [p if isinstance(p, Piece) else Piece(p) for p in files]
         self.files = [p.path for p in pieces]
         self.text_field = text_field
-        self._warn = _WarnOnce("bad JSONL lines")
+        self._warn = WarnOnce("bad JSONL lines")
         spans = []
         for p in pieces:
             s = _line_spans(p.path, p.lo, p.hi, p.line0)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from maxlm.config import ModelConfig
-from maxlm.model.layers import apply_rope, compute_dtype, constrain, param
+from maxlm.model.layers import apply_rope, compute_dtype, constrain, project
 
 
 def attention_impl(cfg: ModelConfig, dtype: jnp.dtype) -> str:
@@ -30,18 +30,11 @@ class Attention(nn.Module):
     def __call__(self, x_BTD: jax.Array, segment_ids_BT: jax.Array, positions_BT: jax.Array) -> jax.Array:
         c = self.cfg
         D, N, K = c.d_model, c.n_heads, c.n_kv_heads
-        H = c.head_dim or D // N
+        H = c.head_dim_resolved
         dtype = compute_dtype(c)
-        pdt = jnp.dtype(c.param_dtype)
-        init = nn.initializers.normal(c.init_std)
-        wq_DNH = param(self, "q", init, (D, N, H), ("embed", "heads", "head_dim"), pdt)
-        wk_DKH = param(self, "k", init, (D, K, H), ("embed", "kv_heads", "head_dim"), pdt)
-        wv_DKH = param(self, "v", init, (D, K, H), ("embed", "kv_heads", "head_dim"), pdt)
-        wo_NHD = param(self, "o", init, (N, H, D), ("heads", "head_dim", "embed"), pdt)
-
-        q_BTNH = jnp.einsum("btd,dnh->btnh", x_BTD, wq_DNH.astype(dtype))
-        k_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, wk_DKH.astype(dtype))
-        v_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, wv_DKH.astype(dtype))
+        q_BTNH = project(self, "q", x_BTD, "btd,dnh->btnh", (D, N, H), ("embed", "heads", "head_dim"))
+        k_BTKH = project(self, "k", x_BTD, "btd,dkh->btkh", (D, K, H), ("embed", "kv_heads", "head_dim"))
+        v_BTKH = project(self, "v", x_BTD, "btd,dkh->btkh", (D, K, H), ("embed", "kv_heads", "head_dim"))
         q_BTNH = constrain(apply_rope(q_BTNH, positions_BT, c.rope_theta), ("act_batch", "act_length", "act_heads", None))
         k_BTKH = constrain(apply_rope(k_BTKH, positions_BT, c.rope_theta), ("act_batch", "act_length", "act_kv_heads", None))
         v_BTKH = constrain(v_BTKH, ("act_batch", "act_length", "act_kv_heads", None))
@@ -52,5 +45,5 @@ class Attention(nn.Module):
         out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=same_doc_B1TS, is_causal=True,
                                                 implementation=attention_impl(c, dtype))
         out_BTNH = constrain(out_BTNH, ("act_batch", "act_length", "act_heads", None))
-        out_BTD = jnp.einsum("btnh,nhd->btd", out_BTNH, wo_NHD.astype(dtype))
+        out_BTD = project(self, "o", out_BTNH, "btnh,nhd->btd", (N, H, D), ("heads", "head_dim", "embed"))
         return constrain(out_BTD, ("act_batch", "act_length", "act_embed"))

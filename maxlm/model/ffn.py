@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from maxlm.config import ModelConfig
-from maxlm.model.layers import compute_dtype, constrain, param
+from maxlm.model.layers import swiglu
 from maxlm.model.moe import MoE
 
 
@@ -24,15 +23,8 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
         c = self.cfg
-        dtype, pdt = compute_dtype(c), jnp.dtype(c.param_dtype)
-        init = nn.initializers.normal(c.init_std)
-        w_gate_DF = param(self, "gate", init, (c.d_model, c.ffn_dim), ("embed", "mlp"), pdt)
-        w_up_DF = param(self, "up", init, (c.d_model, c.ffn_dim), ("embed", "mlp"), pdt)
-        w_down_FD = param(self, "down", init, (c.ffn_dim, c.d_model), ("mlp", "embed"), pdt)
-        gate_BTF = jnp.einsum("btd,df->btf", x_BTD, w_gate_DF.astype(dtype))
-        up_BTF = jnp.einsum("btd,df->btf", x_BTD, w_up_DF.astype(dtype))
-        h_BTF = constrain(jax.nn.silu(gate_BTF) * up_BTF, ("act_batch", "act_length", "act_mlp"))
-        return jnp.einsum("btf,fd->btd", h_BTF, w_down_FD.astype(dtype))
+        D, F = c.d_model, c.ffn_dim
+        return swiglu(self, x_BTD, D, F, ("gate", "up", "down"))
 
 
 # `moe` layers of a model are chosen by ModelConfig.layer_is_moe (first_dense_layers, moe_layer_interval); the

@@ -25,9 +25,30 @@ def param(module: nn.Module, name: str, init: Initializer, shape: tuple[int, ...
     return module.param(name, nn.with_logical_partitioning(init, names), shape, dtype)
 
 
+def project(module: nn.Module, name: str, x: jax.Array, eq: str, shape: tuple[int, ...], names: Names) -> jax.Array:
+    """A weight projection: declares the weight `name` (logical axes `names`, `model.init_std` normal init, stored
+    in `param_dtype`), casts it to the compute dtype and contracts it with `x` by the einsum `eq`.
+
+    Every dense projection of the decoder (q, k, v, o, gate, up, down, shared experts) goes through here, so an
+    adapter (LoRA) that adds a low-rank term to chosen projections wraps this one function.
+    """
+    c = module.cfg
+    w = param(module, name, nn.initializers.normal(c.init_std), shape, names, jnp.dtype(c.param_dtype))
+    return jnp.einsum(eq, x, w.astype(compute_dtype(c)))
+
+
 def constrain(x: jax.Array, names: Names) -> jax.Array:
     """Pins an activation's sharding by logical names; a no-op outside a mesh + rules context."""
     return nn.with_logical_constraint(x, names)
+
+
+def swiglu(module: nn.Module, x_BTD: jax.Array, D: int, F: int, names: tuple[str, str, str]) -> jax.Array:
+    """down(silu(x W_gate) * (x W_up)) with weights named `names` (the dense MLP, MoE shared experts)."""
+    gate, up, down = names
+    gate_BTF = project(module, gate, x_BTD, "btd,df->btf", (D, F), ("embed", "mlp"))
+    up_BTF = project(module, up, x_BTD, "btd,df->btf", (D, F), ("embed", "mlp"))
+    h_BTF = constrain(jax.nn.silu(gate_BTF) * up_BTF, ("act_batch", "act_length", "act_mlp"))
+    return project(module, down, h_BTF, "btf,fd->btd", (F, D), ("mlp", "embed"))
 
 
 def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
@@ -68,7 +89,7 @@ def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.
 
 
 class Embed(nn.Module):
-    """Token embedding; `attend` reuses the table as the LM head when embeddings are tied."""
+    """Token embedding; with tied embeddings the table is also the LM head (maxlm.model.heads)."""
 
     cfg: ModelConfig
 
@@ -84,7 +105,3 @@ class Embed(nn.Module):
         table_VD = constrain(self.embedding.astype(dtype), (None, None))
         x_BTD = jnp.take(table_VD, ids_BT, axis=0)
         return constrain(x_BTD, ("act_batch", "act_length", "act_embed"))
-
-    def attend(self, x_BTD: jax.Array) -> jax.Array:
-        table_VD = self.embedding.astype(x_BTD.dtype)
-        return jnp.einsum("btd,vd->btv", x_BTD, table_VD, preferred_element_type=jnp.float32)

@@ -31,7 +31,8 @@ from jax.sharding import PartitionSpec as P
 
 from maxlm.config import ModelConfig
 from maxlm.model.grouped_matmul import blocked_grouped_matmul, block_rows, tiled_grouped_matmul, tile_rows
-from maxlm.model.layers import compute_dtype, constrain, param
+from maxlm.model.layers import compute_dtype, constrain, param, swiglu
+from maxlm.model.stack import layer_path
 
 Axes = tuple[str, ...]
 
@@ -373,15 +374,8 @@ class MoE(nn.Module):
         y_BTD = constrain(y_BTD, ("act_batch", "act_length", "act_embed"))
 
         if c.shared_experts:
-            H = c.shared_experts * F
-            ws_gate_DH = param(self, "shared_gate", init, (D, H), ("embed", "mlp"), pdt)
-            ws_up_DH = param(self, "shared_up", init, (D, H), ("embed", "mlp"), pdt)
-            ws_down_HD = param(self, "shared_down", init, (H, D), ("mlp", "embed"), pdt)
-            xs_BTD = x_BTD.astype(dtype)
-            h_BTH = jax.nn.silu(jnp.einsum("btd,dh->bth", xs_BTD, cast(ws_gate_DH))) * jnp.einsum(
-                "btd,dh->bth", xs_BTD, cast(ws_up_DH))
-            h_BTH = constrain(h_BTH, ("act_batch", "act_length", "act_mlp"))
-            y_BTD = y_BTD + jnp.einsum("bth,hd->btd", h_BTH, cast(ws_down_HD))
+            y_BTD = y_BTD + swiglu(self, x_BTD.astype(dtype), D, c.shared_experts * F,
+                                   ("shared_gate", "shared_up", "shared_down"))
 
         lb = load_balance_loss(routing.probs_BTE, routing.expert_ids_BTK)
         z = router_z_loss(logits_BTE)
@@ -403,24 +397,22 @@ def uses_router_bias(cfg: ModelConfig) -> bool:
     return cfg.ffn == "moe" and cfg.router_scoring == "sigmoid" and cfg.router_bias_rate != 0
 
 
-def router_bias_update(cfg: ModelConfig, old_params: Any, new_params: Any, metrics: dict[str, Any]) -> Any:
+def router_bias_update(cfg: ModelConfig, old_params: Any, new_params: Any, stats: dict[str, Any]) -> Any:
     """`new_params` with every MoE layer's `router_bias` set to old + gamma * sign(mean load - load_e).
 
     DeepSeek-V3 (sec. 2.1.2): after each step, decrease the bias of an overloaded expert by gamma and increase an
-    underloaded one's, gamma = `router_bias_rate`. Loads are the per-expert token fractions of the step's batch,
-    the `moe/layer{i}/load_e{j}` metrics from `maxlm.train.losses` (averaged over microbatches). Starting from
+    underloaded one's, gamma = `router_bias_rate`. Loads are the per-expert token fractions of the step's batch:
+    `stats["moe_load"]` [n_moe_layers, E] from `maxlm.train.losses.moe_stats` (averaged over microbatches). Starting from
     `old_params` undoes whatever the optimizer did to the bias (its gradient is 0, but weight decay is not).
     A no-op for softmax routers or gamma = 0.
     """
     if not uses_router_bias(cfg):
         return new_params
-    from maxlm.model.transformer import layer_path  # deferred: transformer imports this module through ffn
-
     E = cfg.num_experts
+    load_LE = stats["moe_load"]
     updates: dict[tuple[tuple[str, ...], int | None], jax.Array] = {}
-    for i in cfg.moe_layers:
-        load_E = jnp.stack([jnp.asarray(metrics[f"moe/layer{i}/load_e{e}"], jnp.float32) for e in range(E)])
-        updates[layer_path(cfg, i)] = cfg.router_bias_rate * jnp.sign(1.0 / E - load_E)
+    for n, i in enumerate(cfg.moe_layers):
+        updates[layer_path(cfg, i)] = cfg.router_bias_rate * jnp.sign(1.0 / E - load_LE[n])
 
     def get(tree: Any, path: tuple[str, ...]) -> Any:
         for k in path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import flax.linen as nn
@@ -12,15 +11,10 @@ import jax.numpy as jnp
 from maxlm.config import ModelConfig
 from maxlm.model.attention import Attention
 from maxlm.model.ffn import FFN_BLOCKS
-from maxlm.model.layers import Embed, RMSNorm, compute_dtype, constrain, param
-
-# What the backward pass may keep instead of recomputing (jax.checkpoint_policies).
-REMAT_POLICIES: dict[str, Any] = {
-    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole layer: least memory
-    "dots": jax.checkpoint_policies.checkpoint_dots,  # keep every matmul output
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,  # keep weight-matmul outputs only
-}
-
+from maxlm.model.heads import logits_from_hidden
+from maxlm.model.layers import Embed, RMSNorm, constrain, param
+from maxlm.model.remat import REMAT_POLICIES
+from maxlm.model.stack import layer_groups, layer_kinds
 
 class DecoderLayer(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then x + ffn(norm(x)). Returns (x, None) so it can be scanned."""
@@ -54,76 +48,16 @@ class LayerBlock(nn.Module):
         return x_BTD, None
 
 
-@dataclass(frozen=True)
-class LayerGroup:
-    """`repeats` copies of `pattern` (the ffn block of each layer in one unit), starting at layer `first`; the
-    group's parameters live under `name` with a leading `layers` axis of size `repeats` when scanned."""
-
-    name: str
-    pattern: tuple[str, ...]
-    repeats: int
-    first: int
-
-    @property
-    def n_layers(self) -> int:
-        return len(self.pattern) * self.repeats
-
-
-def layer_kinds(cfg: ModelConfig) -> list[str]:
-    """The feed-forward block of every layer (`ModelConfig.layer_is_moe` decides which layers are MoE)."""
-    if cfg.ffn != "moe":
-        return [cfg.ffn] * cfg.n_layers
-    return ["moe" if cfg.layer_is_moe(i) else "mlp" for i in range(cfg.n_layers)]
-
-
-def layer_groups(cfg: ModelConfig) -> list[LayerGroup]:
-    """The stack as scans: dense models one group; MoE models the leading dense layers, then repeats of
-    (interval - 1 dense, 1 MoE), then a trailing partial run of dense layers. Each group is one `nn.scan` (the first
-    is named `layers`, as in a dense model, so an all-MoE stack such as Mixtral is `layers` too)."""
-    runs: list[tuple[tuple[str, ...], int]] = []
-    if cfg.ffn != "moe":
-        runs.append(((cfg.ffn,), cfg.n_layers))
-    else:
-        fd, every = cfg.first_dense_layers, cfg.moe_layer_interval
-        rest = cfg.n_layers - fd
-        runs += [(("mlp",), fd), (("mlp",) * (every - 1) + ("moe",), rest // every), (("mlp",), rest % every)]
-    groups, first = [], 0
-    for pattern, repeats in runs:
-        if repeats:
-            groups.append(LayerGroup("layers" if not groups else f"layers_group{len(groups)}", pattern, repeats, first))
-            first += len(pattern) * repeats
-    assert [k for g in groups for _ in range(g.repeats) for k in g.pattern] == layer_kinds(cfg)
-    return groups
-
-
-def layer_path(cfg: ModelConfig, i: int) -> tuple[tuple[str, ...], int | None]:
-    """Where layer i lives in the `params` (or any sown) collection: the key path of its DecoderLayer and, for a
-    scanned stack, its index along the leading `layers` axis (None when layers are not scanned)."""
-    if not cfg.scan_layers:
-        return (f"layers_{i}",), None
-    for g in layer_groups(cfg):
-        if g.first <= i < g.first + g.n_layers:
-            r, j = divmod(i - g.first, len(g.pattern))
-            return ((g.name,) if len(g.pattern) == 1 else (g.name, f"sub{j}")), r
-    raise IndexError(f"layer {i} of {cfg.n_layers}")
-
-
-def layer_subtree(cfg: ModelConfig, tree: Any, i: int) -> Any:
-    """Layer i's part of a collection (params, or sown statistics), with the scan axis indexed away."""
-    path, r = layer_path(cfg, i)
-    for k in path:
-        tree = tree[k]
-    return tree if r is None else jax.tree_util.tree_map(lambda x: x[r], tree)
-
-
 class Decoder(nn.Module):
-    """Llama-family decoder. Input ids and packing metadata -> float32 logits over the vocabulary."""
+    """Llama-family decoder. Input ids and packing metadata -> float32 logits over the vocabulary, or with
+    `hidden_only` the final-normed hidden states, so other heads (a scalar reward head, chunked log-probs through
+    `maxlm.model.heads.lm_logits`) attach beside the LM head without touching the decoder."""
 
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, ids_BT: jax.Array, segment_ids_BT: jax.Array | None = None,
-                 positions_BT: jax.Array | None = None) -> jax.Array:
+                 positions_BT: jax.Array | None = None, *, hidden_only: bool = False) -> jax.Array:
         c = self.cfg
         B, T = ids_BT.shape
         if segment_ids_BT is None:
@@ -135,7 +69,7 @@ class Decoder(nn.Module):
 
         def rematted(block: type[nn.Module]) -> type[nn.Module]:
             # prevent_cse only matters outside scan (scan already blocks CSE of the recomputation).
-            if c.remat == "none":
+            if REMAT_POLICIES[c.remat] is None:
                 return block
             return nn.remat(block, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
 
@@ -155,14 +89,13 @@ class Decoder(nn.Module):
                 x_BTD, _ = rematted(DecoderLayer)(c, ffn, name=f"layers_{i}")(x_BTD, segment_ids_BT, positions_BT)
 
         x_BTD = RMSNorm(c, name="final_norm")(x_BTD)
+        if hidden_only:
+            return x_BTD
         if c.tie_embeddings:
-            logits_BTV = embed.attend(x_BTD)
-        else:
-            w_DV = param(self, "lm_head", nn.initializers.normal(c.init_std), (c.d_model, c.vocab_size),
-                         ("embed", "vocab"), jnp.dtype(c.param_dtype))
-            logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, w_DV.astype(compute_dtype(c)),
-                                    preferred_element_type=jnp.float32)
-        return constrain(logits_BTV, ("act_batch", "act_length", "act_vocab"))
+            return logits_from_hidden(c, x_BTD, embed.embedding)
+        w_DV = param(self, "lm_head", nn.initializers.normal(c.init_std), (c.d_model, c.vocab_size),
+                     ("embed", "vocab"), jnp.dtype(c.param_dtype))
+        return logits_from_hidden(c, x_BTD, w_DV)
 
 
 def abstract_params(cfg: ModelConfig, seq_len: int = 8) -> Any:

@@ -19,7 +19,7 @@ from typing import Any
 from maxlm.config import ConfigError
 from maxlm.flops import HARDWARE
 from maxlm.plan.laws import BUILTIN_LAWS, DEFAULT_LAW
-from maxlm.plan.memory import REMAT_POLICIES
+from maxlm.plan.memory import REMAT_BY_RECOMPUTE
 from maxlm.plan.planner import DEFAULT_MFU, DEFAULT_SEQ_LEN, DEFAULT_VOCAB
 
 
@@ -63,7 +63,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
                    help=f"vocabulary size (default {DEFAULT_VOCAB})")
     p.add_argument("--seq-len", type=_positive_int, default=DEFAULT_SEQ_LEN,
                    help=f"training sequence length (default {DEFAULT_SEQ_LEN})")
-    p.add_argument("--remat", default="full", choices=REMAT_POLICIES + ("auto",),
+    p.add_argument("--remat", default="full", choices=REMAT_BY_RECOMPUTE + ("auto",),
                    help="remat policy for the memory estimate and the config (auto: least recompute that fits)")
     p.add_argument("--data", default="", help="data glob for the written config(s) (default: synthetic data)")
     p.add_argument("--tokenizer", default="", help="sentencepiece model for --data")

@@ -21,7 +21,7 @@ def non_embedding_flops_per_token(m: ModelConfig, seq_len: int) -> float:
     """DeepSeek LLM's M (their Sec. 3.2), generalised to GQA, SwiGLU and MoE: 6 x the per-token weight-matmul
     parameters of the layers (MoE: the active ones, by `maxlm.flops`) + 6 L (heads x head_dim) T for the causal
     attention scores and values."""
-    hd = m.head_dim or m.d_model // m.n_heads
+    hd = m.head_dim_resolved
     return 6.0 * layer_matmul_params(m) + 6.0 * m.n_layers * m.n_heads * hd * seq_len
 
 

@@ -48,7 +48,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from maxlm.config import ModelConfig
+from maxlm.config import REMAT_NAMES, ModelConfig
 from maxlm.flops import ParamCount, mlp_params
 from maxlm.plan.shape import MoESpec
 
@@ -57,7 +57,10 @@ ACT_BYTES = 2  # bf16 compute dtype off CPU
 STATE_BYTES_PER_PARAM = 4 + 4 + 8  # params, grads, Adam mu and nu (f32)
 USABLE_HBM_FRACTION = 0.9
 MAX_TENSOR = 8  # tensor parallelism stays inside one NVLink / ICI-local group
-REMAT_POLICIES = ("none", "dots", "dots_no_batch", "full")  # least recompute first
+
+# The order in which the planner tries `model.remat` policies: least recompute first.
+REMAT_BY_RECOMPUTE = ("none", "dots", "dots_no_batch", "full")
+assert set(REMAT_BY_RECOMPUTE) == set(REMAT_NAMES)
 
 
 @dataclass(frozen=True)
@@ -120,7 +123,7 @@ def activation_bytes_per_token(m: ModelConfig, moe: MoESpec | None, seq_len: int
     module docstring), which only MoE layers pay.
     """
     d, t, T = m.d_model, tensor, seq_len
-    hd = m.head_dim or d // m.n_heads
+    hd = m.head_dim_resolved
     q, kv = m.n_heads * hd, 2 * m.n_kv_heads * hd
     if moe is None:
         f = m.ffn_dim  # SwiGLU intermediates (gate, up, silu(gate) * up are each f wide)
@@ -224,7 +227,7 @@ def choose_mesh(m: ModelConfig, moe: MoESpec | None, count: ParamCount, seq_len:
     meshes = mesh_candidates(m, chips, moe.num_experts if moe else 1)
     if not meshes:
         meshes = [(1, 1, 1)]
-    policies = REMAT_POLICIES if remat == "auto" else (remat,)
+    policies = REMAT_BY_RECOMPUTE if remat == "auto" else (remat,)
     last = "full" if remat == "auto" else remat
 
     def est(e: int, f: int, t: int, policy: str, accum: int) -> MemoryEstimate | None:

@@ -20,7 +20,7 @@ from maxlm.config import Config, ConfigError, DataConfig, MeshConfig, OptimConfi
 from maxlm.flops import HARDWARE, Hardware, flops_per_token
 from maxlm.plan import hparams
 from maxlm.plan.laws import DEFAULT_LAW, Law, Optimum, fixed_ratio, load_law, optimum
-from maxlm.plan.memory import REMAT_POLICIES, MeshChoice, choose_mesh
+from maxlm.plan.memory import REMAT_BY_RECOMPUTE, MeshChoice, choose_mesh
 from maxlm.plan.shape import MoESpec, ShapeChoice, search_shape
 
 DEFAULT_SEQ_LEN = 4096
@@ -157,8 +157,8 @@ def _check_request(req: PlanRequest) -> Hardware | None:
         e, k = req.moe
         if e < 2 or not 1 <= k <= e:
             raise ConfigError(f"--moe E,K needs E >= 2 experts and 1 <= K <= E active per token, got {e},{k}")
-    if req.remat not in REMAT_POLICIES + ("auto",):
-        raise ConfigError(f"--remat {req.remat!r} is not one of {', '.join(REMAT_POLICIES + ('auto',))}")
+    if req.remat not in REMAT_BY_RECOMPUTE + ("auto",):
+        raise ConfigError(f"--remat {req.remat!r} is not one of {', '.join(REMAT_BY_RECOMPUTE + ('auto',))}")
     hd = req.head_dim
     if hd and not (hd > 0 and hd % 2 == 0 and (128 % hd == 0 or hd % 128 == 0)):
         raise ConfigError(f"--head-dim {req.head_dim} must be even and divide or be a multiple of 128 (64 or 128)")

@@ -1,1 +1,1 @@
-"""Training: optimizer and schedules, losses, the jitted step and the loop."""
+"""Training: batch types, objectives and their losses, optimizer, state, the jitted step, the run builder and the loop."""

@@ -1,13 +1,8 @@
 """Checkpoints that never lose a run: orbax save and resume, integrity fallback, and `load_parameters_from`.
 
 One directory per step under `checkpoint.dir` (default `{run_dir}/checkpoints`), written by an orbax
-CheckpointManager over tensorstore (local paths or any URL they accept, e.g. gs://):
-
-    {step}/params     parameters (orbax's pytree format, OCDBT + zarr: one array per leaf)
-    {step}/opt_state  optimizer state, laid out like the parameters
-    {step}/train      JSON: step, PRNG key data, non-finite counters
-    {step}/data       every process's data-iterator state (grain's handler: process_{i}-of-{n}.json)
-    {step}/meta       JSON: maxlm version, mesh, process count, parameter count, every leaf's shape, the config
+CheckpointManager over tensorstore (local paths or any URL they accept, e.g. gs://), in the layout that
+`maxlm.checkpoint_format` defines (params, opt_state, train, data, meta items).
 
 Parameters and optimizer state are separate items so that `load_parameters_from` and `maxlm convert to-hf` read
 the parameters alone, whatever optimizer wrote them; `meta` lets every reader check shapes before touching arrays.
@@ -22,8 +17,6 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import math
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,15 +26,14 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.sharding import Mesh
 
-import maxlm
+from maxlm.checkpoint_format import ITEM_DATA, ITEM_META, ITEM_OPT, ITEM_PARAMS, ITEM_TRAIN, checkpoint_dir, \
+    make_meta, read_meta, resolve_step_dir, tree_shapes
 from maxlm.config import Config, ConfigError
 from maxlm.mesh import replicated
 from maxlm.train.state import StateLayout, TrainState
 
 log = logging.getLogger(__name__)
 
-ITEM_PARAMS, ITEM_OPT, ITEM_TRAIN, ITEM_DATA, ITEM_META = "params", "opt_state", "train", "data", "meta"
-META_FILE = "metadata"  # the file orbax's JsonSave writes inside an item directory
 CORRUPT_SUFFIX = ".corrupt"
 # orbax's replica-parallel save splits each replicated array among its replicas with one eager slice per shard,
 # compiled per shape: that made the first save of even the `tiny` model take ~3.5 s on 8 CPU devices. Splitting pays
@@ -56,68 +48,6 @@ class TrainingError(RuntimeError):
 class CheckpointError(TrainingError):
     """A checkpoint problem the run cannot get past (e.g. no step is readable)."""
 
-
-# ----------------------------------------------------------------------------------------------------------
-# Paths and metadata (shared with maxlm.convert, which writes and reads the same layout)
-
-
-def checkpoint_dir(cfg: Config) -> str:
-    """`checkpoint.dir`, or `{run_dir}/checkpoints`; local paths made absolute (orbax needs that), URLs kept."""
-    return absolute(cfg.checkpoint.dir or os.path.join(cfg.run_dir, "checkpoints"))
-
-
-def absolute(path: str) -> str:
-    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
-
-
-def key_name(key: Any) -> str:
-    """One element of a jax key path as text: dict keys, attribute names (optax namedtuples) and indices."""
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
-def tree_shapes(tree: Any) -> dict[str, list]:
-    """`{"layers/attn/q": [[2, 64, 4, 16], "float32"], ...}` for every array leaf of a (possibly abstract) tree."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {"/".join(key_name(k) for k in path): [list(leaf.shape), str(np.dtype(leaf.dtype))]
-            for path, leaf in flat if hasattr(leaf, "shape")}
-
-
-def make_meta(cfg: Config, step: int, params: Any, opt_state: Any | None, *, mesh_shape: dict[str, int],
-              process_count: int, source: str) -> dict[str, Any]:
-    """What every maxlm checkpoint says about itself (also written by `maxlm convert from-hf`)."""
-    shapes = tree_shapes(params)
-    return {"format": "maxlm", "maxlm_version": maxlm.__version__, "step": step, "source": source,
-            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "mesh": dict(mesh_shape), "process_count": process_count,
-            "param_count": sum(math.prod(s) for s, _ in shapes.values()), "params": shapes,
-            "opt_state": tree_shapes(opt_state) if opt_state is not None else None, "config": cfg.to_dict()}
-
-
-def read_meta(step_dir: str) -> dict[str, Any]:
-    return json.loads((epath.Path(step_dir) / ITEM_META / META_FILE).read_text())
-
-
-def _is_step_dir(path: epath.Path) -> bool:
-    return (path / ITEM_META / META_FILE).exists() and (path / ITEM_PARAMS).exists()
-
-
-def resolve_step_dir(path: str) -> tuple[str, int]:
-    """A maxlm checkpoint given as one step directory, a checkpoint directory (its newest step) or a run directory
-    (its `checkpoints/`) -> (step directory, step)."""
-    p = epath.Path(absolute(path))
-    if _is_step_dir(p):
-        return str(p), int(p.name) if p.name.isdigit() else int(read_meta(str(p))["step"])
-    for candidate in (p, p / "checkpoints"):
-        if candidate.is_dir():
-            steps = sorted((int(c.name) for c in candidate.iterdir() if c.name.isdigit() and _is_step_dir(c)),
-                           reverse=True)
-            if steps:
-                return str(candidate / str(steps[0])), steps[0]
-    raise ConfigError(f"{path} is neither a maxlm checkpoint (a step directory with params/ and meta/, or a "
-                      "directory of them) nor a Hugging Face model directory (config.json + *.safetensors)")
 
 
 def describe_mismatch(what: str, saved: dict[str, list], wanted: dict[str, list], saved_model: dict[str, Any] | None,

@@ -19,20 +19,20 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
 from maxlm.config import Config
-from maxlm.mesh import LogicalRules, batch_sharding, make_global_batch, mesh_context, replicated
-from maxlm.train.losses import OBJECTIVES
+from maxlm.mesh import LogicalRules, mesh_context, replicated
+from maxlm.train.batch import LmBatch, batch_shardings, global_batch, local_batch
+from maxlm.train.losses import make_pretrain_loss
 
 Evaluator = Callable[[Any], dict[str, float]]
 
 
 def _token_bytes(cfg: Config) -> np.ndarray | None:
     from maxlm.data.pipeline import tokenizer_path
-    from maxlm.data.spec import components
+    from maxlm.config.data_spec import components
     from maxlm.data.tokenizer import load_tokenizer
 
     path = tokenizer_path(cfg.data)
@@ -49,37 +49,34 @@ def make_evaluator(cfg: Config, mesh: Mesh, rules: LogicalRules, model: Any) -> 
     Call it on every process: scoring is a collective over the global batch."""
     if cfg.train.eval_every <= 0 or cfg.train.eval_steps <= 0:
         return None
-    from maxlm.data.pipeline import BATCH_KEYS, build_eval_batches
+    from maxlm.data.pipeline import build_eval_batches
 
     n_proc = jax.process_count()
     local = build_eval_batches(cfg.data, vocab_size=cfg.model.vocab_size, batch_size=cfg.micro_batch_size // n_proc,
                                seed=cfg.seed, num_batches=cfg.train.eval_steps, shard_index=jax.process_index(),
                                shard_count=n_proc)
     table = _token_bytes(cfg)
-    sharding = batch_sharding(mesh, rules)
-    batches = []
-    for b in local:
-        b = {k: b[k] for k in BATCH_KEYS}
-        b["targets_bytes"] = (table[b["targets"]] if table is not None else np.zeros_like(b["targets_weights"])) \
-            * b["targets_weights"]
-        batches.append(make_global_batch(b, sharding))
+    shardings = batch_shardings(LmBatch, mesh, rules)
+    # Each batch with the UTF-8 bytes of its trained target tokens (for bits per byte), summed on the host.
+    typed = [local_batch(LmBatch, b) for b in local]
+    batches = [(global_batch(LmBatch, vars(b), shardings),
+                float(np.sum(table[b.targets] * b.targets_weights)) if table is not None else 0.0) for b in typed]
     # Router jitter is training noise: without it (no "router" rng reaches the model) eval is deterministic.
     no_jitter = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, router_jitter=0.0))
-    loss_fn = OBJECTIVES["pretrain"](no_jitter, model)
+    loss_fn = make_pretrain_loss(no_jitter, model)
 
-    def score(params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        _, metrics = loss_fn(params, {k: batch[k] for k in BATCH_KEYS}, jax.random.key(0))
-        return {"nats": metrics["ce"] * metrics["weight"], "tokens": metrics["weight"],
-                "bytes": jnp.sum(batch["targets_bytes"])}
+    def score(params: Any, batch: LmBatch) -> dict[str, jax.Array]:
+        _, metrics = loss_fn(params, batch, jax.random.key(0), None)
+        return {"nats": metrics["ce"] * metrics["weight"], "tokens": metrics["weight"]}
 
     scored = jax.jit(score, out_shardings=replicated(mesh))
 
     def evaluate(state_or_params: Any) -> dict[str, float]:
         params = getattr(state_or_params, "params", state_or_params)  # a TrainState or its params
         with mesh_context(mesh, rules):
-            parts = [scored(params, b) for b in batches]
+            parts = [scored(params, b) for b, _ in batches]
         total = jax.device_get(jax.tree_util.tree_map(lambda *x: sum(x), *parts))
-        nats, tokens, nbytes = float(total["nats"]), float(total["tokens"]), float(total["bytes"])
+        nats, tokens, nbytes = float(total["nats"]), float(total["tokens"]), sum(n for _, n in batches)
         out = {"loss": nats / max(tokens, 1.0), "tokens": tokens}
         if table is not None and nbytes > 0:
             out["bits_per_byte"] = nats / math.log(2) / nbytes

@@ -1,7 +1,5 @@
-"""`maxlm train`: build everything from the config, resume or initialise, then step, log, checkpoint and report.
-
-Order matters for users: the config, the data and the shapes are checked before anything compiles, so every
-mistake costs a second, not a compile.
+"""`maxlm train`'s loop: step, log, evaluate, checkpoint, handle preemption and report. It only loops: the run it
+loops over (mesh, model, state, step, data, evaluator) is assembled by `maxlm.train.builder`.
 
 What a run survives:
   * Kill at any point: a run directory whose `checkpoint.dir` holds checkpoints resumes from the newest readable one
@@ -22,118 +20,23 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
-from functools import partial
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import jax
 from tqdm import tqdm
 
-from maxlm.config import Config, ConfigError, config_to_yaml, validate
-from maxlm.flops import HARDWARE, Hardware, detect_hardware, flops_per_token
-from maxlm.mesh import batch_sharding, build_mesh, logical_rules, make_global_batch
-from maxlm.model import Decoder
-from maxlm.model.moe import router_bias_update, uses_router_bias
-from maxlm.train.checkpoint import Checkpointer, TrainingError, load_parameters
-from maxlm.train.evaluate import make_evaluator
-from maxlm.train.losses import OBJECTIVES
+from maxlm.config import Config, config_to_yaml
+from maxlm.train.builder import Run, build_run
+from maxlm.train.checkpoint import TrainingError
 from maxlm.train.metrics import MetricsWriter
-from maxlm.train.optimizer import make_optimizer
-from maxlm.train.state import StateLayout, TrainState, init_state, init_state_from_params, state_layout
-from maxlm.train.step import StepFn, make_train_step
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NonFiniteError", "Run", "TrainingError", "build_run", "describe", "train"]
+__all__ = ["NonFiniteError", "TrainingError", "describe", "train"]
 
 
 class NonFiniteError(TrainingError):
     """`train.max_nonfinite_steps` consecutive steps had a NaN/Inf loss, gradient or update."""
-
-
-@dataclass
-class Run:
-    """Everything a training or benchmark run needs, built and checked in one place."""
-
-    cfg: Config
-    mesh: jax.sharding.Mesh
-    rules: Any
-    model: Decoder
-    layout: StateLayout
-    state: TrainState
-    step_fn: StepFn
-    batches: Iterator[dict[str, jax.Array]]
-    data_iter: Any  # the grain iterator: each process's position goes into checkpoints
-    hardware: Hardware | None
-    flops_per_token: float
-    rng: jax.Array = field(default_factory=lambda: jax.random.key(0))  # folded with the step inside the step
-    checkpointer: Checkpointer | None = None
-    resumed_from: int | None = None  # the checkpoint step this run continues from
-    # Held-out evaluation, called with the train state every `train.eval_every` steps; returns scalars that are
-    # logged with an `eval_` prefix. Whoever builds the Run sets it (the data package's evaluator).
-    evaluate: Callable[[TrainState], dict[str, float]] | None = None
-
-
-def resolve_hardware(cfg: Config) -> Hardware | None:
-    if cfg.train.hardware == "auto":
-        return detect_hardware(jax.devices()[0].device_kind)
-    if cfg.train.hardware in ("cpu", "none"):
-        return None
-    return HARDWARE[cfg.train.hardware]
-
-
-def enable_compile_cache(path: str) -> None:
-    """Persistent XLA cache: a resumed or repeated run loads its executables instead of compiling them."""
-    if path:
-        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-
-
-def build_run(cfg: Config, *, resume: bool = False) -> Run:
-    """Validates, builds the mesh, model, step and data, then the state: with `resume`, from the newest readable
-    checkpoint in `checkpoint.dir` when there is one; else from `load_parameters_from` or a fresh init."""
-    validate(cfg, jax.device_count())
-    if cfg.model.attention == "cudnn" and jax.default_backend() != "gpu":
-        raise ConfigError(f"model.attention=cudnn needs an NVIDIA GPU (this backend is {jax.default_backend()}); "
-                          f"use model.attention=auto (cuDNN on GPU, XLA elsewhere) or xla")
-    enable_compile_cache(cfg.train.compile_cache_dir)
-    from maxlm.data.pipeline import build_dataset  # grain is imported only when data is needed
-
-    n_proc, proc = jax.process_count(), jax.process_index()
-    dataset = build_dataset(cfg.data, vocab_size=cfg.model.vocab_size, batch_size=cfg.train.global_batch_size // n_proc,
-                            seed=cfg.seed, shard_index=proc, shard_count=n_proc, total_steps=cfg.train.steps)
-    mesh = build_mesh(cfg)
-    rules = logical_rules(cfg)
-    model = Decoder(cfg.model)
-    tx, schedule = make_optimizer(cfg)
-    layout = state_layout(cfg, model, tx, mesh, rules)
-    loss_fn = OBJECTIVES[cfg.train.objective](cfg, model)
-    bsh = batch_sharding(mesh, rules)
-    hook = partial(router_bias_update, cfg.model) if uses_router_bias(cfg.model) else None
-    step_fn = make_train_step(loss_fn, tx, schedule, cfg.train.grad_accum, layout.shardings, bsh, mesh, rules,
-                              param_hook=hook)
-    data_iter = iter(dataset)
-    rng = jax.random.key(cfg.seed + 1)
-    checkpointer = Checkpointer(cfg, mesh) if resume else None
-    try:
-        restored = checkpointer.restore(layout, data_iter) if checkpointer else None
-    except BaseException:
-        checkpointer.close()
-        raise
-    if restored is not None:
-        state, rng = restored.state, restored.rng
-        log.info("resumed from step %d in %s", restored.step, checkpointer.directory)
-    elif cfg.load_parameters_from:
-        params = load_parameters(cfg.load_parameters_from, cfg, layout)
-        state = init_state_from_params(params, tx, layout, mesh, rules)
-    else:
-        state = init_state(cfg, model, tx, layout, mesh, rules, jax.random.key(cfg.seed))
-    batches = (make_global_batch(b, bsh) for b in data_iter)
-    return Run(cfg=cfg, mesh=mesh, rules=rules, model=model, layout=layout, state=state, step_fn=step_fn,
-               batches=batches, data_iter=data_iter, hardware=resolve_hardware(cfg),
-               flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len), rng=rng, checkpointer=checkpointer,
-               resumed_from=restored.step if restored else None,
-               evaluate=make_evaluator(cfg, mesh, rules, model))  # None unless train.eval_every > 0
 
 
 def throughput(run: Run, step_s: float) -> dict[str, float | None]:

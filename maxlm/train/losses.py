@@ -1,8 +1,11 @@
-"""Objectives as pure functions of (params, batch, rng) -> (loss, metrics).
+"""Losses as pure functions of (params, batch, rng, frozen) -> (loss, metrics), and the one call that runs the decoder.
 
-The jitted step never knows which objective it runs. Every loss is a mean over its own weighted units (tokens
-for next-token prediction) and reports that unit count as `metrics["weight"]`, which the step uses to combine
-microbatches exactly: the global loss is sum_i weight_i * loss_i / sum_i weight_i.
+The jitted step never knows which objective it runs (`maxlm.train.objectives` pairs each loss with its batch type).
+Every loss is a mean over its own weighted units (tokens for next-token prediction, pairs for preferences) and
+reports that unit count as `metrics["weight"]`, which the step uses to combine microbatches exactly: the global loss
+is sum_i weight_i * loss_i / sum_i weight_i. `frozen` is the train state's tree that no optimizer touches (a
+reference model, a LoRA base; None when the objective has none). Non-scalar statistics that a parameter hook reads
+go in `metrics["stats"]` (weight-combined like the scalars, never logged).
 """
 
 from __future__ import annotations
@@ -12,14 +15,16 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 
 from maxlm.config import Config, ModelConfig
 from maxlm.model.moe import uses_router_bias
+from maxlm.model.stack import layer_subtree
+from maxlm.train.batch import LmBatch
+from maxlm.treepath import path_parts
 
-Batch = dict[str, jax.Array]
-Metrics = dict[str, jax.Array]
-LossFn = Callable[[Any, Batch, jax.Array], tuple[jax.Array, Metrics]]
+Batch = Any  # a batch dataclass of maxlm.train.batch (LmBatch, or an objective's own)
+Metrics = dict[str, Any]
+LossFn = Callable[[Any, Batch, jax.Array, Any], tuple[jax.Array, Metrics]]
 
 
 def sum_aux_losses(aux: Any) -> jax.Array:
@@ -49,7 +54,7 @@ def weighted_token_ce(logits_BTV: jax.Array, targets_BT: jax.Array, weights_BT: 
 def _sum_named(tree: Any, name: str) -> jax.Array:
     """Sum of the leaves sown under `name` anywhere in a collection (every layer's `load_balance`, say)."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    hits = [x for path, x in flat if any(getattr(k, "key", None) == name for k in path)]
+    hits = [x for path, x in flat if name in path_parts(path)]
     return sum_aux_losses(hits)
 
 
@@ -64,8 +69,6 @@ def moe_metrics(cfg: ModelConfig, aux: Any, moe: Any) -> Metrics:
     """
     if cfg.ffn != "moe" or not moe:
         return {}
-    from maxlm.model.transformer import layer_subtree
-
     out: Metrics = {f"moe_{name}": _sum_named(aux, name) for name in ("load_balance", "router_z")}
     per_expert = cfg.moe_expert_metrics or uses_router_bias(cfg)
     for i in cfg.moe_layers:
@@ -79,26 +82,38 @@ def moe_metrics(cfg: ModelConfig, aux: Any, moe: Any) -> Metrics:
     return out
 
 
-def apply_model(cfg: Config, model: nn.Module, params: Any, batch: Batch, rng: jax.Array
+def moe_stats(cfg: ModelConfig, moe: Any) -> dict[str, jax.Array]:
+    """What DeepSeek-V3 bias balancing reads (`maxlm.model.moe.router_bias_update`): `moe_load` [n_moe_layers, E],
+    each MoE layer's per-expert token fractions. Empty unless the model balances with a router bias."""
+    if not uses_router_bias(cfg) or not moe:
+        return {}
+    return {"moe_load": jnp.stack([layer_subtree(cfg, moe, i)["moe"]["stats"][0]["load"] for i in cfg.moe_layers])}
+
+
+def apply_model(cfg: Config, model: nn.Module, params: Any, ids_BT: jax.Array, segment_ids_BT: jax.Array,
+                positions_BT: jax.Array, rng: jax.Array, *, hidden_only: bool = False
                 ) -> tuple[jax.Array, jax.Array, Metrics]:
-    """The decoder on a batch: (logits, the sum of its sown auxiliary losses, its MoE metrics). `rng` drives
-    router jitter (the only randomness in the decoder); objectives built on the decoder share this one call."""
+    """The decoder on token rows: (logits, or final hidden states with `hidden_only`; the sum of its sown auxiliary
+    losses; its MoE metrics, with `stats` for the bias update when it has any). `rng` drives router jitter (the only
+    randomness in the decoder); every objective built on the decoder shares this one call."""
     rngs = {"router": rng} if cfg.model.ffn == "moe" and cfg.model.router_jitter > 0 else {}
-    logits_BTV, state = model.apply({"params": params}, batch["inputs"], batch["inputs_segment_ids"],
-                                    batch["inputs_positions"], mutable=["aux", "moe"], rngs=rngs)
-    aux = state.get("aux", {})
-    return logits_BTV, sum_aux_losses(aux), moe_metrics(cfg.model, aux, state.get("moe", {}))
+    out, state = model.apply({"params": params}, ids_BT, segment_ids_BT, positions_BT, hidden_only=hidden_only,
+                             mutable=["aux", "moe"], rngs=rngs)
+    aux, moe = state.get("aux", {}), state.get("moe", {})
+    metrics = moe_metrics(cfg.model, aux, moe)
+    stats = moe_stats(cfg.model, moe)
+    if stats:
+        metrics["stats"] = stats
+    return out, sum_aux_losses(aux), metrics
 
 
 def make_pretrain_loss(cfg: Config, model: nn.Module) -> LossFn:
-    """Next-token prediction with per-token weights (`targets_weights`); SFT reuses it with prompts weighted 0."""
+    """Next-token prediction with per-token weights (`targets_weights`) on an `LmBatch`."""
 
-    def loss_fn(params: Any, batch: Batch, rng: jax.Array) -> tuple[jax.Array, Metrics]:
-        logits_BTV, aux, extra = apply_model(cfg, model, params, batch, rng)
-        loss, metrics = weighted_token_ce(logits_BTV, batch["targets"], batch["targets_weights"], cfg.train.z_loss)
+    def loss_fn(params: Any, batch: LmBatch, rng: jax.Array, frozen: Any = None) -> tuple[jax.Array, Metrics]:
+        logits_BTV, aux, extra = apply_model(cfg, model, params, batch.inputs, batch.inputs_segment_ids,
+                                             batch.inputs_positions, rng)
+        loss, metrics = weighted_token_ce(logits_BTV, batch.targets, batch.targets_weights, cfg.train.z_loss)
         return loss + aux, metrics | {"aux_loss": aux} | extra
 
     return loss_fn
-
-
-OBJECTIVES: dict[str, Callable[[Config, nn.Module], LossFn]] = {"pretrain": make_pretrain_loss}

@@ -8,6 +8,7 @@ import jax
 import optax
 
 from maxlm.config import Config, OptimConfig
+from maxlm.treepath import key_name
 
 
 def lr_schedule(o: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -34,8 +35,7 @@ def decay_mask(o: OptimConfig, params: Any) -> Any:
     embeddings by default, following common LLM practice)."""
 
     def keep(path: tuple, _: Any) -> bool:
-        last = path[-1]
-        name = getattr(last, "key", getattr(last, "name", str(last)))
+        name = key_name(path[-1])
         return str(name) not in o.no_decay
 
     return jax.tree_util.tree_map_with_path(keep, params)

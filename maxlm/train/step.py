@@ -27,50 +27,55 @@ from maxlm.train.losses import Batch, LossFn, Metrics
 from maxlm.train.state import TrainState
 
 StepFn = Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]
-# (params before the step, params after the optimizer, the step's metrics) -> params: a non-gradient update
-# applied inside the jitted step, e.g. DeepSeek-V3's router-bias balancing (maxlm.model.moe.router_bias_update).
-ParamHook = Callable[[Any, Any, Metrics], Any]
+# (params before the step, params after the optimizer, the step's `stats`) -> params: a non-gradient update applied
+# inside the jitted step, e.g. DeepSeek-V3's router-bias balancing (maxlm.model.moe.router_bias_update).
+ParamHook = Callable[[Any, Any, Any], Any]
 
 
-def _split_microbatches(batch: Batch, k: int, sharding: NamedSharding) -> Batch:
-    def split(x: jax.Array) -> jax.Array:
+def _split_microbatches(batch: Batch, k: int, shardings: Batch) -> Batch:
+    """[n, ...] leaves -> [k, n / k, ...]: microbatch i holds examples i, i + k, ... of every field (the leading dim
+    of every field is the example dim, so rows and pairs stay whole)."""
+
+    def split(x: jax.Array, sharding: NamedSharding) -> jax.Array:
         b = x.shape[0] // k
-        x = x.reshape((b, k) + x.shape[1:]).swapaxes(0, 1)  # [k, b, ...]: microbatch i = rows i, i+k, ...
+        x = x.reshape((b, k) + x.shape[1:]).swapaxes(0, 1)
         spec = jax.sharding.PartitionSpec(None, *sharding.spec)
         return jax.lax.with_sharding_constraint(x, NamedSharding(sharding.mesh, spec))
 
-    return jax.tree_util.tree_map(split, batch)
+    return jax.tree_util.tree_map(split, batch, shardings)
 
 
-def grads_and_metrics(loss_fn: LossFn, params: Any, batch: Batch, rng: jax.Array, k: int,
-                      batch_sharding: NamedSharding) -> tuple[Any, Metrics]:
-    """Weighted-mean loss and gradients over the global batch, in k microbatches."""
+def grads_and_metrics(loss_fn: LossFn, params: Any, batch: Batch, rng: jax.Array, k: int, shardings: Batch,
+                      frozen: Any = None) -> tuple[Any, Metrics]:
+    """Weighted-mean loss and gradients over the global batch, in k microbatches. Every metric (and the `stats`
+    tree) is combined with the loss's own weights, so the result equals one pass over the whole batch."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if k == 1:
-        (loss, metrics), grads = grad_fn(params, batch, rng)
+        (loss, metrics), grads = grad_fn(params, batch, rng, frozen)
         return grads, metrics | {"loss": loss}
 
-    micro = _split_microbatches(batch, k, batch_sharding)
+    micro = _split_microbatches(batch, k, shardings)
 
     def body(carry: tuple[Any, Metrics], xs: tuple[Batch, jax.Array]) -> tuple[tuple[Any, Metrics], None]:
         g_acc, m_acc = carry
         mb, r = xs
-        (loss, metrics), grads = grad_fn(params, mb, r)
+        (loss, metrics), grads = grad_fn(params, mb, r, frozen)
         w = metrics["weight"]
         g_acc = jax.tree_util.tree_map(lambda a, g: a + w * g.astype(a.dtype), g_acc, grads)
-        weighted = {key: v * w for key, v in (metrics | {"loss": loss}).items() if key != "weight"}
-        m_acc = {key: m_acc[key] + weighted.get(key, w) for key in m_acc}
-        return (g_acc, m_acc), None
+        weighted = {key: jax.tree_util.tree_map(lambda v: v * w, v) for key, v in (metrics | {"loss": loss}).items()
+                    if key != "weight"} | {"weight": w}
+        return (g_acc, jax.tree_util.tree_map(jnp.add, m_acc, weighted)), None
 
     zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    abstract_m = jax.eval_shape(lambda: grad_fn(params, jax.tree_util.tree_map(lambda x: x[0], micro), rng)[0])
-    m0 = {key: jnp.zeros((), jnp.float32) for key in list(abstract_m[1]) + ["loss"]}
+    first = jax.tree_util.tree_map(lambda x: x[0], micro)
+    (_, abstract_m), _ = jax.eval_shape(lambda: grad_fn(params, first, rng, frozen))
+    m0 = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, jnp.float32), abstract_m | {"loss": abstract_m["weight"]})
     (g_sum, m_sum), _ = jax.lax.scan(body, (zeros, m0), (micro, jax.random.split(rng, k)))
     total = m_sum["weight"]
     denom = jnp.maximum(total, 1.0)
     grads = jax.tree_util.tree_map(lambda g: g / denom, g_sum)
-    metrics = {key: v / denom for key, v in m_sum.items() if key != "weight"} | {"weight": total}
-    return grads, metrics
+    metrics = {key: jax.tree_util.tree_map(lambda v: v / denom, v) for key, v in m_sum.items() if key != "weight"}
+    return grads, metrics | {"weight": total}
 
 
 def keep_if_finite(finite: jax.Array, new: Any, old: Any) -> Any:
@@ -80,30 +85,32 @@ def keep_if_finite(finite: jax.Array, new: Any, old: Any) -> Any:
 
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule: optax.Schedule, grad_accum: int,
-                    state_shardings: TrainState, batch_shard: NamedSharding, mesh: Mesh,
+                    state_shardings: TrainState, batch_shardings: Batch, mesh: Mesh,
                     rules: LogicalRules, param_hook: ParamHook | None = None) -> StepFn:
-    """Compiles `step(state, batch, rng) -> (state, metrics)` with explicit shardings and a donated state."""
+    """Compiles `step(state, batch, rng) -> (state, metrics)` with explicit shardings (one per batch leaf, from the
+    batch type's declaration: maxlm.train.batch) and a donated state. `state.frozen` reaches the loss untouched."""
 
     def step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, Metrics]:
         rng = jax.random.fold_in(rng, state.step)
-        grads, metrics = grads_and_metrics(loss_fn, state.params, batch, rng, grad_accum, batch_shard)
+        frozen = jax.lax.stop_gradient(state.frozen)
+        grads, metrics = grads_and_metrics(loss_fn, state.params, batch, rng, grad_accum, batch_shardings, frozen)
+        stats = metrics.pop("stats", None)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         if param_hook is not None:
-            params = param_hook(state.params, params, metrics)
+            params = param_hook(state.params, params, stats)
         grad_norm = optax.tree.norm(grads)
         finite = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates)))
         params, opt_state = keep_if_finite(finite, (params, opt_state), (state.params, state.opt_state))
         skipped = 1 - finite.astype(jnp.int32)
-        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                               nonfinite_run=(state.nonfinite_run + 1) * skipped,
-                               nonfinite_total=state.nonfinite_total + skipped)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                                  nonfinite_run=(state.nonfinite_run + 1) * skipped,
+                                  nonfinite_total=state.nonfinite_total + skipped)
         metrics = metrics | {"grad_norm": grad_norm, "lr": schedule(state.step), "param_norm": optax.tree.norm(params),
                              "nonfinite_run": new_state.nonfinite_run, "nonfinite_steps": new_state.nonfinite_total}
         return new_state, metrics
 
-    # One sharding for the whole batch dict: every entry is [B, T] with rows over the data-parallel axes.
-    jitted = jax.jit(step, in_shardings=(state_shardings, batch_shard, replicated(mesh)),
+    jitted = jax.jit(step, in_shardings=(state_shardings, batch_shardings, replicated(mesh)),
                      out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))
 
     def run(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, Metrics]:

@@ -37,7 +37,7 @@ def bench_config(name: str, steps: int) -> dict:
     from maxlm.config import load_config, resolve_config_path
     from maxlm.mesh import mesh_context
     from maxlm.train.checkpoint import Checkpointer
-    from maxlm.train.loop import build_run
+    from maxlm.train.builder import build_run
 
     out: dict = {"config": name}
     tmp = tempfile.mkdtemp(prefix="maxlm-bench-ckpt-")

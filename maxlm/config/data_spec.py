@@ -5,7 +5,7 @@ module turns it into typed `MixtureComponent`s and is the one place that validat
 remain the single-source shorthand: they become a one-component mixture, so every later stage (cache, sharding,
 eval split, statistics) handles one code path.
 
-This module imports no grain, jax or sentencepiece: `maxlm.config.check_static` calls it on every config load.
+Part of the config package (imports nothing above it): `check_static` calls it on every config load.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from maxlm.config import Config, ConfigError, DataConfig, expand_globs
+from maxlm.config.paths import expand_globs
+from maxlm.config.schema import Config, ConfigError, DataConfig
 
 FORMATS = ("text", "jsonl", "parquet", "arrayrecord", "synthetic")
 TEXT_SPLITS = ("file", "blank_line")

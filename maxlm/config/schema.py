@@ -1,0 +1,232 @@
+"""The config schema: typed dataclasses of every key a user can set, and the names of pluggable choices.
+
+`configs/base.yml` mirrors these defaults so a reader sees them in one file. This module imports nothing from
+`maxlm.*` (nor jax): choices that name code (`model.ffn`, `train.objective`) are validated as names listed here, each
+registry lives beside its code, and `tests/test_imports.py` checks that the two agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+class ConfigError(ValueError):
+    """A user mistake in a config: the CLI prints its one-line message and exits with code 2."""
+
+
+# The default logical-axis -> mesh-axis table. Parameters use the plain names; activations the `act_` ones, so
+# that e.g. the `embed` dimension of a weight can live on `fsdp` while the batch of activations does too.
+DEFAULT_RULES: list[list[Any]] = [
+    ["act_batch", ["data", "fsdp", "expert"]],
+    ["act_length", None],
+    ["act_embed", None],
+    ["act_heads", "tensor"],
+    ["act_kv_heads", "tensor"],
+    ["act_mlp", "tensor"],
+    ["act_vocab", "tensor"],
+    ["act_exp", "expert"],
+    ["vocab", "tensor"],
+    ["embed", "fsdp"],
+    ["mlp", "tensor"],
+    ["heads", "tensor"],
+    ["kv_heads", "tensor"],
+    ["head_dim", None],
+    ["exp", "expert"],
+    ["layers", None],
+    ["norm", None],
+]
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+
+
+# Names of the pluggable pieces; the registries beside the code (maxlm.model.ffn.FFN_BLOCKS,
+# maxlm.train.objectives.OBJECTIVES, maxlm.model.remat.REMAT_POLICIES) must hold exactly these keys.
+FFN_NAMES = ("mlp", "moe")
+OBJECTIVE_NAMES = ("pretrain",)
+REMAT_NAMES = ("none", "full", "dots", "dots_no_batch")
+
+
+@dataclass
+class ModelConfig:
+    """Decoder shape and numerics. `ffn` names the feed-forward block plugged into every layer."""
+
+    vocab_size: int = 32000
+    d_model: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 32
+    head_dim: int = 0  # 0: d_model // n_heads
+    ffn_dim: int = 11008
+    ffn: str = "mlp"
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    dtype: str = "auto"  # compute dtype; auto: bfloat16 on accelerators, float32 on CPU
+    param_dtype: str = "float32"
+    attention: str = "auto"  # auto | xla | cudnn
+    scan_layers: bool = True
+    remat: str = "none"  # none | full | dots | dots_no_batch
+    # ---- Mixture-of-Experts (used when ffn == "moe"; maxlm/model/moe.py) ----
+    num_experts: int = 8  # routed experts per MoE layer
+    experts_per_token: int = 2  # top-k
+    moe_ffn_dim: int = 0  # hidden size of each routed (and shared) expert; 0: ffn_dim
+    shared_experts: int = 0  # always-on experts of width moe_ffn_dim (DeepSeekMoE), added to the routed output
+    first_dense_layers: int = 0  # the first N layers keep the dense `mlp` block (DeepSeek-V3: 3)
+    moe_layer_interval: int = 1  # after those, every Nth layer is MoE (the others dense): 1 = all, 2 = alternate
+    router_scoring: str = "softmax"  # softmax (Mixtral) | sigmoid (DeepSeek-V3, with a selection-only bias)
+    router_renormalize: bool = True  # divide the top-k weights by their sum (Mixtral, DeepSeek-V3)
+    router_scale: float = 1.0  # multiplies the routed experts' weights (DeepSeek-V3 routed_scaling_factor: 2.5)
+    router_bias_rate: float = 0.001  # sigmoid: bias step gamma of DeepSeek-V3's auxiliary-loss-free balancing
+    router_jitter: float = 0.0  # training only: router input * U(1 - eps, 1 + eps) (Switch Transformer)
+    capacity_factor: float = 0.0  # <= 0: dropless (sort + grouped matmul); > 0: slots per expert per sequence
+    # dropless grouped matmul: ragged_dot | tiled | blocked | auto (tiled on CPU, blocked on GPU, TPU ragged_dot)
+    moe_matmul: str = "auto"
+    load_balance_coef: float = 0.01  # Switch/Mixtral E * sum_e f_e P_e, averaged over MoE layers
+    router_z_coef: float = 0.0  # ST-MoE router z-loss mean(logsumexp(logits)^2), averaged over MoE layers
+    moe_expert_metrics: bool = True  # log every expert's token fraction per layer (else per-layer summaries only)
+
+    def layer_is_moe(self, i: int) -> bool:
+        """Whether layer i (0-based) has the MoE block: after `first_dense_layers` dense layers, the last layer of
+        every run of `moe_layer_interval` (interval 2: dense, MoE, dense, MoE, ...; a trailing partial run is dense).
+        Defined here once so the model, the parameter/FLOP counter and the planner agree on it."""
+        if self.ffn != "moe" or i < self.first_dense_layers:
+            return False
+        return (i - self.first_dense_layers + 1) % self.moe_layer_interval == 0
+
+    @property
+    def head_dim_resolved(self) -> int:
+        """The one spelling of the per-head width: `head_dim`, or d_model // n_heads when it is 0."""
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i in range(self.n_layers) if self.layer_is_moe(i)]
+
+    @property
+    def num_moe_layers(self) -> int:
+        """len(moe_layers) in closed form (the planner counts parameters of thousands of shapes)."""
+        if self.ffn != "moe":
+            return 0
+        return max(self.n_layers - self.first_dense_layers, 0) // self.moe_layer_interval
+
+
+@dataclass
+class MeshConfig:
+    """Device mesh sizes (one may be -1: filled from the device count) and the logical-axis rules."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    expert: int = 1
+    # Multi-slice (DCN x ICI): sizes of each axis across slices; the ICI sizes above are per slice.
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+    dcn_tensor: int = 1
+    dcn_expert: int = 1
+    rules: list = field(default_factory=lambda: [list(r) for r in DEFAULT_RULES])
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from and how they are packed into rows."""
+
+    source: str = "synthetic"  # synthetic | text | jsonl | parquet | arrayrecord (single-source shorthand)
+    path: str = ""  # glob (comma-separated globs allowed) for the single source
+    text_field: str = "text"  # JSONL field / Parquet column holding the document
+    text_split: str = "file"  # text files: file (one document each) | blank_line (blank-line-separated documents)
+    # Weighted sources: [{name, path, weight, format, text_field, text_split, stage_weights, max_files}, ...]
+    # (validated into maxlm.config.data_spec.MixtureComponent); replaces source/path when non-empty.
+    mixture: list = field(default_factory=list)
+    stage_starts: list = field(default_factory=list)  # fractions of train.steps where stages 1, 2, ... begin
+    tokenizer: str = ""  # sentencepiece .model path (a cache carries its own copy)
+    cache_dir: str = ""  # pre-tokenized cache written by `maxlm data prepare`; when set, training reads it
+    seq_len: int = 128
+    shuffle_seed: int = 0
+    packing: str = "first_fit"  # first_fit | best_fit
+    add_bos: bool = True
+    add_eos: bool = True
+    num_workers: int = 0  # grain multiprocessing prefetch workers (0: in-process)
+    max_files: int = 0  # 0: all files matched by `path`
+    eval_fraction: float = 0.0  # documents held out for eval, chosen by document hash
+    min_doc_chars: int = 0  # cleaning: drop shorter documents
+    max_doc_chars: int = 0  # cleaning: drop longer documents (0: no limit)
+    max_non_text_ratio: float = 1.0  # cleaning: drop documents with more control/replacement chars (1: off)
+    max_bad_fraction: float = 0.1  # unreadable/malformed items above this fraction stop the run
+    prepare_workers: int = 0  # processes for `maxlm data prepare` (0: one per CPU core)
+    resume: str = "exact"  # exact: refuse to resume onto other processes/workers/sources | reshuffle: new order
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with warmup then cosine / WSD / constant, global-norm clipping and a decay mask."""
+
+    lr: float = 3e-4
+    schedule: str = "cosine"  # cosine | wsd | constant
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # final lr = min_lr_ratio * lr
+    decay_fraction: float = 0.2  # WSD: the last fraction of steps decays linearly
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    # Parameter leaf names never decayed (matched against the last path element).
+    no_decay: list = field(default_factory=lambda: ["scale", "embedding"])
+    clip_norm: float = 1.0  # <= 0: no clipping
+
+
+@dataclass
+class CheckpointConfig:
+    """When and where the train state is saved, and how long checkpoints are kept."""
+
+    dir: str = ""  # "": {run_dir}/checkpoints; a local path or any URL orbax/tensorstore accept (gs://...)
+    every: int = 1000  # save every N steps and always at the end; 0: only at the end
+    keep_last: int = 3  # the newest N checkpoints are kept
+    keep_every: int = 0  # a checkpoint whose step is a multiple of this is kept forever (0: none)
+    async_save: bool = True  # write in the background while training goes on
+
+
+
+@dataclass
+class TrainConfig:
+    """The loop: how long, how big a batch, which objective, what to log."""
+
+    steps: int = 1000
+    global_batch_size: int = 8  # rows per optimizer step, across all devices and microbatches
+    grad_accum: int = 1
+    objective: str = "pretrain"
+    z_loss: float = 0.0
+    log_every: int = 10
+    hardware: str = "auto"  # peak-FLOP table key for MFU; auto: from the device kind
+    compile_cache_dir: str = ""  # persistent XLA compilation cache ("" = off): restarts skip recompiling
+    max_nonfinite_steps: int = 3  # consecutive NaN/Inf steps (skipped, not applied) before the run stops
+    eval_every: int = 0  # evaluate on the held-out split every N steps (0: never)
+    eval_steps: int = 10  # batches per evaluation
+
+
+@dataclass
+class Config:
+    """The whole resolved configuration of one run."""
+
+    run_dir: str = "runs/default"
+    seed: int = 0
+    load_parameters_from: str = ""  # initialise params (not optimizer/step) from a maxlm checkpoint or HF directory
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    # ---- derived values: computed here and nowhere else ----
+    @property
+    def micro_batch_size(self) -> int:
+        return self.train.global_batch_size // self.train.grad_accum
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.train.global_batch_size * self.data.seq_len
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

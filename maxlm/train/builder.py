@@ -1,0 +1,158 @@
+"""Assemble once, loop simply: the one place that builds a run's mesh, model, state, step, data and evaluator.
+
+`build_core` makes everything that needs no data and allocates nothing (mesh, rules, model, optimizer, objective,
+state layout, the jitted step): `maxlm bench`, compiling for a target, generation and evaluation reuse it.
+`build_run` adds the data pipeline, the state (resumed, loaded or fresh) and the evaluator for `maxlm train`.
+Order matters for users: the config, the data and the shapes are checked before anything compiles, so every
+mistake costs a second, not a compile.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Callable, Iterator
+
+import jax
+import optax
+
+from maxlm.config import Config, ConfigError, validate
+from maxlm.flops import HARDWARE, Hardware, detect_hardware, flops_per_token
+from maxlm.mesh import LogicalRules, build_mesh, logical_rules
+from maxlm.model import Decoder
+from maxlm.model.moe import router_bias_update, uses_router_bias
+from maxlm.train.batch import abstract_batch, batch_shardings, global_batch
+from maxlm.train.checkpoint import Checkpointer, load_parameters
+from maxlm.train.evaluate import make_evaluator
+from maxlm.train.objectives import OBJECTIVES, Objective
+from maxlm.train.optimizer import make_optimizer
+from maxlm.train.state import StateLayout, TrainState, init_state, init_state_from_params, state_layout
+from maxlm.train.step import StepFn, make_train_step
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Core:
+    """What every path that runs the train step shares, with no data and no allocated state."""
+
+    cfg: Config
+    mesh: jax.sharding.Mesh
+    rules: LogicalRules
+    model: Decoder
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    objective: Objective
+    layout: StateLayout
+    batch_shardings: Any  # the objective's batch type with a NamedSharding per field
+    step_fn: StepFn
+
+    def abstract_batch(self) -> Any:
+        """ShapeDtypeStructs of one global batch (global_batch_size rows of data.seq_len), sharded."""
+        sizes = {"rows": self.cfg.train.global_batch_size, "length": self.cfg.data.seq_len}
+        return abstract_batch(self.objective.batch_type, sizes, self.batch_shardings)
+
+
+@dataclass
+class Run:
+    """Everything a training or benchmark run needs, built and checked in one place."""
+
+    core: Core
+    state: TrainState
+    batches: Iterator[Any]  # typed global batches
+    data_iter: Any  # the grain iterator: each process's position goes into checkpoints
+    hardware: Hardware | None
+    flops_per_token: float
+    rng: jax.Array = field(default_factory=lambda: jax.random.key(0))  # folded with the step inside the step
+    checkpointer: Checkpointer | None = None
+    resumed_from: int | None = None  # the checkpoint step this run continues from
+    # Held-out evaluation, called with the train state every `train.eval_every` steps; returns scalars that are
+    # logged with an `eval_` prefix.
+    evaluate: Callable[[TrainState], dict[str, float]] | None = None
+
+    # The core's pieces, read through the run (loop, bench and tests use them).
+    cfg = property(lambda self: self.core.cfg)
+    mesh = property(lambda self: self.core.mesh)
+    rules = property(lambda self: self.core.rules)
+    model = property(lambda self: self.core.model)
+    layout = property(lambda self: self.core.layout)
+    step_fn = property(lambda self: self.core.step_fn)
+
+
+def resolve_hardware(cfg: Config) -> Hardware | None:
+    if cfg.train.hardware == "auto":
+        return detect_hardware(jax.devices()[0].device_kind)
+    if cfg.train.hardware in ("cpu", "none"):
+        return None
+    return HARDWARE[cfg.train.hardware]
+
+
+def enable_compile_cache(path: str) -> None:
+    """Persistent XLA cache: a resumed or repeated run loads its executables instead of compiling them."""
+    if path:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
+def build_core(cfg: Config, mesh: jax.sharding.Mesh | None = None, *, check_backend: bool = True) -> Core:
+    """Validates the config against the mesh's devices (default: all of this process's view, `jax.devices()`) and
+    builds the model, optimizer, objective, state layout and the jitted step. Nothing is allocated."""
+    devices = list(mesh.devices.flat) if mesh is not None else jax.devices()
+    validate(cfg, len(devices))
+    if check_backend and cfg.model.attention == "cudnn" and jax.default_backend() != "gpu":
+        raise ConfigError(f"model.attention=cudnn needs an NVIDIA GPU (this backend is {jax.default_backend()}); "
+                          f"use model.attention=auto (cuDNN on GPU, XLA elsewhere) or xla")
+    mesh = mesh if mesh is not None else build_mesh(cfg)
+    rules = logical_rules(cfg)
+    model = Decoder(cfg.model)
+    tx, schedule = make_optimizer(cfg)
+    objective = OBJECTIVES[cfg.train.objective]
+    layout = state_layout(cfg, model, tx, mesh, rules)
+    shardings = batch_shardings(objective.batch_type, mesh, rules)
+    hook = partial(router_bias_update, cfg.model) if uses_router_bias(cfg.model) else None
+    step_fn = make_train_step(objective.make_loss(cfg, model), tx, schedule, cfg.train.grad_accum, layout.shardings,
+                              shardings, mesh, rules, param_hook=hook)
+    return Core(cfg=cfg, mesh=mesh, rules=rules, model=model, tx=tx, schedule=schedule, objective=objective,
+                layout=layout, batch_shardings=shardings, step_fn=step_fn)
+
+
+def initial_state(core: Core) -> TrainState:
+    """Step 0: parameters from `load_parameters_from` (a maxlm checkpoint or HF directory) or a fresh init."""
+    cfg = core.cfg
+    if cfg.load_parameters_from:
+        params = load_parameters(cfg.load_parameters_from, cfg, core.layout)
+        return init_state_from_params(params, core.tx, core.layout, core.mesh, core.rules)
+    return init_state(cfg, core.model, core.tx, core.layout, core.mesh, core.rules, jax.random.key(cfg.seed))
+
+
+def build_run(cfg: Config, *, resume: bool = False) -> Run:
+    """Validates, builds the core and the data, then the state: with `resume`, from the newest readable checkpoint
+    in `checkpoint.dir` when there is one; else from `load_parameters_from` or a fresh init."""
+    core = build_core(cfg)
+    enable_compile_cache(cfg.train.compile_cache_dir)
+    from maxlm.data.pipeline import build_dataset  # grain is imported only when data is needed
+
+    n_proc, proc = jax.process_count(), jax.process_index()
+    dataset = build_dataset(cfg.data, vocab_size=cfg.model.vocab_size, batch_size=cfg.train.global_batch_size // n_proc,
+                            seed=cfg.seed, shard_index=proc, shard_count=n_proc, total_steps=cfg.train.steps)
+    data_iter = iter(dataset)
+    rng = jax.random.key(cfg.seed + 1)
+    checkpointer = Checkpointer(cfg, core.mesh) if resume else None
+    try:
+        restored = checkpointer.restore(core.layout, data_iter) if checkpointer else None
+    except BaseException:
+        checkpointer.close()
+        raise
+    if restored is not None:
+        state, rng = restored.state, restored.rng
+        log.info("resumed from step %d in %s", restored.step, checkpointer.directory)
+    else:
+        state = initial_state(core)
+    batch_type = core.objective.batch_type
+    batches = (global_batch(batch_type, b, core.batch_shardings) for b in data_iter)
+    return Run(core=core, state=state, batches=batches, data_iter=data_iter, hardware=resolve_hardware(cfg),
+               flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len), rng=rng, checkpointer=checkpointer,
+               resumed_from=restored.step if restored else None,
+               evaluate=make_evaluator(cfg, core.mesh, core.rules, core.model))  # None unless train.eval_every > 0

@@ -1,0 +1,30 @@
+"""The objectives registry: each training objective is a batch type plus a pure loss, and nothing else.
+
+The jitted step, the run builder and the evaluator look an objective up here by `train.objective`; the config schema
+lists the same names (`maxlm.config.OBJECTIVE_NAMES`) so it can validate them without importing this module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import flax.linen as nn
+
+from maxlm.config import Config
+from maxlm.train.batch import LmBatch
+from maxlm.train.losses import LossFn, make_pretrain_loss
+
+
+@dataclass(frozen=True)
+class Objective:
+    """`batch_type` declares the batch (maxlm.train.batch); `make_loss(cfg, model)` builds the pure loss."""
+
+    name: str
+    batch_type: type
+    make_loss: Callable[[Config, nn.Module], LossFn]
+
+
+OBJECTIVES: dict[str, Objective] = {
+    "pretrain": Objective("pretrain", LmBatch, make_pretrain_loss),
+}
