@@ -21,7 +21,7 @@ from maxlm.plan import hparams
 from maxlm.plan.cli import main
 from maxlm.plan.fit import RunPoint, derived, fit_isoflop, fit_parametric, fit_report, read_inputs
 from maxlm.plan.laws import BUILTIN_LAWS, law_from_dict, load_law, numeric_optimum, optimum
-from maxlm.plan.memory import (PARAM_BYTES, REMAT_POLICIES, STATE_BYTES_PER_PARAM, USABLE_HBM_FRACTION, choose_mesh,
+from maxlm.plan.memory import (PARAM_BYTES, REMAT_BY_RECOMPUTE, STATE_BYTES_PER_PARAM, USABLE_HBM_FRACTION, choose_mesh,
                                estimate_memory, mesh_candidates, routed_expert_params)
 from maxlm.plan.planner import PlanRequest, make_plan, plan_to_config
 from maxlm.plan.shape import TOLERANCE, ffn_for, search_shape
@@ -173,10 +173,10 @@ def test_memory_model() -> None:
     plan = make_plan(PlanRequest(compute=1e22, hardware="h100", chips=64))
     m, pc = plan.shape.model, plan.shape.count
     kw = dict(micro_rows=4, data=1, grad_accum=1, flash=True)
-    totals = {r: estimate_memory(m, None, pc, 4096, fsdp=1, tensor=1, remat=r, **kw).total for r in REMAT_POLICIES}
+    totals = {r: estimate_memory(m, None, pc, 4096, fsdp=1, tensor=1, remat=r, **kw).total for r in REMAT_BY_RECOMPUTE}
     assert totals["none"] > totals["dots"] >= totals["dots_no_batch"] > totals["full"]
     xla = {r: estimate_memory(m, None, pc, 4096, fsdp=1, tensor=1, remat=r, **(kw | {"flash": False})).total
-           for r in REMAT_POLICIES}
+           for r in REMAT_BY_RECOMPUTE}
     assert xla["dots"] > xla["dots_no_batch"]  # XLA attention's dots (QK^T, AV) are saved by `dots` only
     one = estimate_memory(m, None, pc, 4096, fsdp=1, tensor=1, remat="full", **kw)
     eight = estimate_memory(m, None, pc, 4096, fsdp=8, tensor=1, remat="full", **kw)
