@@ -104,6 +104,7 @@ DELEGATED: dict[str, Callable[[list[str]], int]] = {
     "convert": _delegate("maxlm.convert.cli"),
     "data": _delegate("maxlm.data.cli"),
     "bench-data": _delegate("maxlm.data.cli", "bench_main"),
+    "launch": _delegate("maxlm.launch.cli"),
 }
 
 
@@ -144,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("plan", help="scaling planner: compute budget -> config (see `maxlm plan --help`)", add_help=False)
     sub.add_parser("convert", help="Hugging Face <-> maxlm checkpoints (see `maxlm convert --help`)", add_help=False)
     sub.add_parser("data", help="data preparation (see `maxlm data --help`)", add_help=False)
+    sub.add_parser("launch", help="several processes on this machine: `maxlm launch local --processes N "
+                   "--devices-per-process M CONFIG`", add_help=False)
     sub.add_parser("bench-data", help="input-pipeline throughput (see `maxlm bench-data --help`)", add_help=False)
     return p
 
