@@ -105,6 +105,7 @@ DELEGATED: dict[str, Callable[[list[str]], int]] = {
     "data": _delegate("maxlm.data.cli"),
     "bench-data": _delegate("maxlm.data.cli", "bench_main"),
     "launch": _delegate("maxlm.launch.cli"),
+    "compile": _delegate("maxlm.compile.cli"),
 }
 
 
@@ -145,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("plan", help="scaling planner: compute budget -> config (see `maxlm plan --help`)", add_help=False)
     sub.add_parser("convert", help="Hugging Face <-> maxlm checkpoints (see `maxlm convert --help`)", add_help=False)
     sub.add_parser("data", help="data preparation (see `maxlm data --help`)", add_help=False)
+    sub.add_parser("compile", help="compile the train step for a TPU slice / GPU cluster from this machine: "
+                   "memory per device, fits, FLOPs, collectives (see `maxlm compile --help`)", add_help=False)
     sub.add_parser("launch", help="several processes on this machine: `maxlm launch local --processes N "
                    "--devices-per-process M CONFIG`", add_help=False)
     sub.add_parser("bench-data", help="input-pipeline throughput (see `maxlm bench-data --help`)", add_help=False)

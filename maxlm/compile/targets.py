@@ -166,10 +166,10 @@ def compile_devices(target: Target) -> list[Any]:
     from jax.experimental import topologies
 
     if target.platform == "tpu":
-        try:
-            import libtpu  # noqa: F401  (only to tell a missing extra from a bad topology)
-        except ImportError:
-            raise MissingExtra(f"compiling for {target.chip} needs libtpu: pip install 'maxlm[tpu-compile]'") from None
+        import importlib.util
+
+        if importlib.util.find_spec("libtpu") is None:
+            raise MissingExtra(f"compiling for {target.chip} needs libtpu: pip install 'maxlm[tpu-compile]'")
         _quiet_libtpu()
         _, chip_config, ndim = _TPU[target.chip]
         bounds = (2, 2, 1) if ndim == 3 else (min(2, _first(target.topology)), 2, 1)
@@ -178,7 +178,10 @@ def compile_devices(target: Target) -> list[Any]:
                                             num_slices=target.slices)
     else:
         try:
-            import jax_plugins.xla_cuda12  # noqa: F401
+            import importlib.util
+
+            if not any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") for v in (12, 13)):
+                raise ImportError
         except ImportError:
             raise MissingExtra(f"compiling for {target.chip} needs the JAX CUDA plugin: pip install "
                                "'maxlm[gpu-compile]'") from None
