@@ -36,13 +36,12 @@ def compile_for_target(cfg: Any, target_name: str, slices: int = 1) -> dict[str,
     from maxlm.compile.program import check_mesh, compile_step, for_target
     from maxlm.compile.report import analyse
     from maxlm.compile.targets import compile_devices, parse_target
-    from maxlm.plan.memory import estimate_for_config
 
     target = parse_target(target_name, slices)
     cfg = for_target(cfg, target)
-    shape = check_mesh(cfg, target)  # before loading libtpu / the CUDA plugin: a mismatch costs nothing
+    check_mesh(cfg, target)  # before loading libtpu / the CUDA plugin: a mismatch costs nothing
     compiled = compile_step(cfg, target, compile_devices(target))
-    return analyse(cfg, target, compiled, estimate_for_config(cfg, shape).total)
+    return analyse(cfg, target, compiled)
 
 
 def main(argv: list[str]) -> int:

@@ -67,7 +67,7 @@ def _xla_flops(compiled: Compiled) -> tuple[float | None, str]:
         return None, "unavailable"
 
 
-def analyse(cfg: Config, target: Target, compiled: Compiled, estimate_bytes: float | None = None) -> dict[str, Any]:
+def analyse(cfg: Config, target: Target, compiled: Compiled) -> dict[str, Any]:
     """The `maxlm compile --json` object."""
     mem = compiled.executable.memory_analysis()
     peak = int(getattr(mem, "peak_memory_in_bytes", 0)) or int(
@@ -96,9 +96,6 @@ def analyse(cfg: Config, target: Target, compiled: Compiled, estimate_bytes: flo
         "collectives": collectives(compiled.executable.as_text()),
         "compile_s": round(compiled.compile_s, 2), "lower_s": round(compiled.lower_s, 2),
     }
-    if estimate_bytes is not None:
-        out["estimate_bytes_per_device"] = int(estimate_bytes)
-        out["estimate_ratio"] = estimate_bytes / peak if peak else None
     return out
 
 
@@ -122,9 +119,6 @@ def render(r: dict[str, Any]) -> str:
              f"code {_gib(r['code_bytes_per_device'])}",
              f"  peak {_gib(r['peak_bytes_per_device'])} of {_gib(r['hbm_bytes_per_device'])} HBM: "
              + ("fits" if r["fits"] else "DOES NOT FIT")]
-    if "estimate_bytes_per_device" in r:
-        lines.append(f"  planner estimate {_gib(r['estimate_bytes_per_device'])} "
-                     f"({r['estimate_ratio']:.2f} x XLA's peak)")
     xla = f"{r['xla_flops_per_device']:.3e}" if r["xla_flops_per_device"] else "n/a"
     ratio = f" ({r['flops_ratio']:.2f} x analytic)" if r["flops_ratio"] else ""
     lines.append(f"FLOPs/step/device: XLA {xla}{ratio}; maxlm analytic {r['analytic_flops_per_device']:.3e}")

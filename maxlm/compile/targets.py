@@ -202,3 +202,25 @@ def compile_devices(target: Target) -> list[Any]:
 
 def _first(topology: str) -> int:
     return int(topology.split(":")[1].split("x")[0])
+
+
+def target_for(hardware: str, chips: int) -> str:
+    """The `--target` for a planner request (`--hardware NAME --chips K`): the most compact slice shape for TPUs,
+    hosts of 8 for GPUs. ConfigError when no slice of that size exists."""
+    if hardware in _TPU:
+        ndim = _TPU[hardware][2]
+        dims = [1] * ndim
+        n, i = chips, 0
+        while n > 1 and n % 2 == 0:  # grow the smallest dimension: 2x2x1, 2x2x2, 2x2x4, 2x4x4, 4x4x4, ...
+            dims[i % ndim] *= 2
+            n //= 2
+            i += 1
+        if n != 1 or chips < 4:
+            raise ConfigError(f"--chips {chips}: {hardware} slices come in powers of two of at least 4 chips")
+        dims = sorted(dims)
+        if ndim == 3 and dims[0] == 1:
+            dims = [dims[1], dims[2], 1]
+        return f"{hardware}:{'x'.join(map(str, dims))}"
+    if hardware in _GPU_INFO:
+        return f"{hardware}x{chips}"
+    raise ConfigError(f"--verify cannot compile for {hardware}: no compile target (targets: {EXAMPLES})")

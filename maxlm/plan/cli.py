@@ -86,7 +86,36 @@ def plan_parser() -> _Parser:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--write-config", metavar="PATH", help="write a maxlm YAML config for the plan")
     p.add_argument("--run-dir", help="run_dir of the written config (default: runs/<config name>)")
+    p.add_argument("--verify", action="store_true", help="compile the planned config for the planned hardware "
+                   "(maxlm compile; needs --hardware/--chips and the tpu-compile or gpu-compile extra) and set XLA's "
+                   "peak memory per device beside the estimate")
     return p
+
+
+VERIFY_TOLERANCE = 0.15  # |estimate / XLA peak - 1| beyond this is reported
+
+
+def _verify(plan: Any, run_dir: str | None) -> dict[str, Any]:
+    """XLA's peak memory for the planned config on the planned hardware, beside the planner's estimate for exactly
+    what was compiled (maxlm.plan.memory.estimate_for_config)."""
+    from maxlm.compile.cli import compile_for_target
+    from maxlm.compile.program import for_target
+    from maxlm.compile.targets import parse_target, target_for
+    from maxlm.plan.memory import estimate_for_config
+    from maxlm.plan.planner import plan_to_config
+
+    if plan.hardware is None or not plan.request.chips:
+        raise ConfigError("--verify needs --hardware NAME and --chips K (the hardware to compile for)")
+    cfg = plan_to_config(plan, run_dir or "runs/verify")
+    target = target_for(plan.hardware.name, plan.request.chips)
+    report = compile_for_target(cfg, target)
+    peak = report["peak_bytes_per_device"]
+    est = estimate_for_config(for_target(cfg, parse_target(target)), report["mesh"]).total  # what was compiled
+    ratio = est / peak
+    return {"target": report["target"], "mesh": report["mesh"], "xla_peak_bytes_per_device": peak,
+            "estimate_bytes_per_device": est, "ratio": ratio, "within_tolerance": abs(ratio - 1) <= VERIFY_TOLERANCE,
+            "fits": report["fits"], "hbm_bytes_per_device": report["hbm_bytes_per_device"],
+            "compile_s": report["compile_s"]}
 
 
 def fit_parser() -> _Parser:
@@ -150,12 +179,21 @@ def _plan_main(argv: list[str]) -> int:
     plan = make_plan(req)
     if a.write_config:
         _write_config(plan, a.write_config, a.run_dir, a.data, a.tokenizer)
+    verify = _verify(plan, a.run_dir) if a.verify else None
     if a.json:
-        print(json.dumps(plan.to_dict() | {"config_path": a.write_config}, indent=2))
+        extra = {"verify": verify} if verify else {}
+        print(json.dumps(plan.to_dict() | {"config_path": a.write_config} | extra, indent=2))
     else:
         print(render(plan))
         if a.write_config:
             print(f"wrote {a.write_config}: maxlm train {a.write_config}")
+        if verify:
+            print(f"verify ({verify['target']}): XLA peak {verify['xla_peak_bytes_per_device'] / 2**30:.2f} GiB per "
+                  f"device, estimate {verify['estimate_bytes_per_device'] / 2**30:.2f} GiB "
+                  f"({verify['ratio']:.2f} x), compiled in {verify['compile_s']:.1f} s")
+    if verify and not verify["within_tolerance"]:
+        print(f"maxlm plan: warning: the memory estimate is {verify['ratio']:.2f} x XLA's peak (more than "
+              f"{VERIFY_TOLERANCE:.0%} off); trust XLA's number", file=sys.stderr)
     return 0
 
 
