@@ -142,7 +142,8 @@ def _quiet_libtpu() -> None:
     """libtpu looks for TPU metadata and peers at import; on a machine without TPUs that is only noise."""
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
+    # libtpu takes a machine-wide lock meant for real chips; compile-only use must not block a second compile.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 def _cuda_data_dir() -> str | None:
