@@ -1,6 +1,6 @@
 """The planner's memory model (maxlm/plan/memory.py) against XLA's peak, compiled for TPU targets from this host.
 
-    python tests/benchmarks/bench_memory_calibration.py [small|large] [--json]
+    python tests/benchmarks/bench_memory_calibration.py [small|large] [--target=h100x8] [--json]
 
 Each point compiles the real train step (`maxlm compile`) and sets XLA's peak bytes per device beside
 `estimate_for_config` for exactly that config; the model is calibrated when every ratio is within 15%.
@@ -35,11 +35,11 @@ MESHES = {"fsdp8": ["mesh.data=1", "mesh.fsdp=8", "mesh.tensor=1"],
           "e4f2": ["mesh.data=1", "mesh.fsdp=2", "mesh.tensor=1", "mesh.expert=4"]}
 
 
-def grid(size: str) -> list[tuple[str, str, list[str]]]:
-    """(name, target, overrides) of every point."""
+def grid(size: str, target: str = "") -> list[tuple[str, str, list[str]]]:
+    """(name, target, overrides) of every point (8-device targets: the meshes below multiply to 8)."""
     dense, moe = (DENSE_SMALL, MOE_SMALL) if size == "small" else (DENSE_LARGE, MOE_LARGE)
     rows = ["train.global_batch_size=16"] if size == "small" else ["train.global_batch_size=32"]
-    target = "tpu-v5e:2x4" if size == "small" else "tpu-v5p:2x2x2"
+    target = target or ("tpu-v5e:2x4" if size == "small" else "tpu-v5p:2x2x2")
     points = []
     for remat in ("none", "dots", "full"):
         for mesh in ("fsdp8", "d2f2t2"):
@@ -56,18 +56,22 @@ def measure(target: str, overrides: list[str]) -> dict[str, float]:
     est = estimate_for_config(for_target(cfg, parse_target(target)), report["mesh"]).total
     peak = report["peak_bytes_per_device"]
     return {"xla_peak_bytes_per_device": peak, "estimate_bytes_per_device": est, "ratio": est / peak,
-            "compile_s": report["compile_s"]}
+            "compile_s": report["compile_s"], "argument": report["argument_bytes_per_device"],
+            "temp": report["temp_bytes_per_device"], "output": report["output_bytes_per_device"],
+            "alias": report["alias_bytes_per_device"]}
 
 
 def main(argv: list[str]) -> int:
     size = argv[0] if argv and not argv[0].startswith("-") else "small"
+    target = next((a.split("=", 1)[1] for a in argv if a.startswith("--target=")), "")
     rows = []
-    for name, target, overrides in grid(size):
+    for name, target, overrides in grid(size, target):
         r = measure(target, overrides) | {"point": name, "target": target}
         rows.append(r)
         print(f"{name:22s} {target:14s} XLA {r['xla_peak_bytes_per_device'] / 2**20:9.1f} MiB  estimate "
               f"{r['estimate_bytes_per_device'] / 2**20:9.1f} MiB  ratio {r['ratio']:.3f}  compile "
-              f"{r['compile_s']:.1f} s", flush=True)
+              f"{r['compile_s']:.1f} s  (args {r['argument'] / 2**20:.1f}, temp {r['temp'] / 2**20:.1f} MiB)",
+              flush=True)
     if "--json" in argv:
         print(json.dumps(rows))
     worst = max(abs(r["ratio"] - 1) for r in rows)
