@@ -100,7 +100,7 @@ def _delegate(module: str, function: str = "main") -> Callable[[list[str]], int]
 
 
 DELEGATED: dict[str, Callable[[list[str]], int]] = {
-    "plan": _delegate("maxlm.plan.cli"),
+    "plan": _delegate("maxlm.compile.verify", "plan_main"),  # plan, with --verify compiling the plan
     "convert": _delegate("maxlm.convert.cli"),
     "data": _delegate("maxlm.data.cli"),
     "bench-data": _delegate("maxlm.data.cli", "bench_main"),

@@ -15,14 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from maxlm.compile.targets import Target
 from maxlm.config import MESH_AXES, Config, ConfigError, validate
-
-BATCH_DTYPES = {"inputs": jnp.int32, "targets": jnp.int32, "inputs_segment_ids": jnp.int32,
-                "inputs_positions": jnp.int32, "targets_weights": jnp.float32}
-
 
 def for_target(cfg: Config, target: Target) -> Config:
     """The config with the backend-dependent `auto` choices made for the target (as they would be on it)."""
@@ -59,32 +54,17 @@ class Compiled:
 
 
 def compile_step(cfg: Config, target: Target, devices: list[Any]) -> Compiled:
-    """Builds the train step on a mesh of `devices` (compile-only devices of the target) and compiles it."""
+    """Builds the train step on a mesh of `devices` (compile-only devices of the target) with the run builder's
+    `build_core` (the same model, optimizer, objective, layout and jitted step as `maxlm train`) and compiles it."""
     shape = check_mesh(cfg, target)
-    from maxlm.mesh import batch_sharding, build_mesh, logical_rules, mesh_context
-    from maxlm.model import Decoder
-    from maxlm.model.moe import router_bias_update, uses_router_bias
-    from maxlm.train.losses import OBJECTIVES
-    from maxlm.train.optimizer import make_optimizer
-    from maxlm.train.state import state_layout
-    from maxlm.train.step import make_train_step
+    from maxlm.mesh import build_mesh, mesh_context
+    from maxlm.train.builder import build_core
 
     t0 = time.perf_counter()
-    mesh = build_mesh(cfg, devices)
-    rules = logical_rules(cfg)
-    model = Decoder(cfg.model)
-    tx, schedule = make_optimizer(cfg)
-    layout = state_layout(cfg, model, tx, mesh, rules)
-    bsh = batch_sharding(mesh, rules)
-    hook = (lambda old, new, metrics: router_bias_update(cfg.model, old, new, metrics)) \
-        if uses_router_bias(cfg.model) else None
-    step = make_train_step(OBJECTIVES[cfg.train.objective](cfg, model), tx, schedule, cfg.train.grad_accum,
-                           layout.shardings, bsh, mesh, rules, param_hook=hook)
-    rows, seq = cfg.train.global_batch_size, cfg.data.seq_len
-    batch = {k: jax.ShapeDtypeStruct((rows, seq), dt) for k, dt in BATCH_DTYPES.items()}
+    core = build_core(cfg, build_mesh(cfg, devices), check_backend=False)  # the host is not the target
     rng = jax.eval_shape(lambda: jax.random.key(0))
-    with mesh_context(mesh, rules):
-        lowered = step.jitted.lower(layout.abstract, batch, rng)  # type: ignore[attr-defined]
+    with mesh_context(core.mesh, core.rules):
+        lowered = core.step_fn.jitted.lower(core.layout.abstract, core.abstract_batch(), rng)  # type: ignore[attr-defined]
     t1 = time.perf_counter()
     executable = lowered.compile()
     t2 = time.perf_counter()
