@@ -41,7 +41,7 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
-def _wait_for_step(run_dir: Path, proc: subprocess.Popen, step: int, timeout: float = 300) -> None:
+def _wait_for_step(run_dir: Path, proc: subprocess.Popen, step: int, timeout: float = 900) -> None:
     end = time.monotonic() + timeout
     while max(_losses(run_dir), default=0) < step:
         assert proc.poll() is None, proc.communicate()
