@@ -5,8 +5,10 @@ and batch shard), outputs, the part of the outputs aliased to donated arguments,
 and the peak. FLOPs come from XLA's cost analysis of the optimised per-device program (for GPU targets run on the host
 client, since the compile-only GPU client has no cost model); beside them,
 maxlm's analytic count (maxlm.flops.flops_per_token, the MFU numerator), whose ratio shows recomputation (remat)
-and anything the analytic model leaves out. Collectives are counted in the optimised HLO by kind, with the bytes
-of their results.
+and anything the analytic model leaves out. XLA's cost analysis counts the body of a loop once: with scanned
+layers (`model.scan_layers`) and gradient accumulation its figure covers one layer of one microbatch plus the
+unrolled parts, so the ratio is only meaningful for unscanned programs. Collectives are counted in the optimised
+HLO by kind (each instruction once, loop bodies included once), with the bytes of their results.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from maxlm.flops import flops_per_token
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute", "ragged-all-to-all")
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
                 "s64": 8, "u64": 8, "f64": 8}
-# `%name = TYPE[dims]{layout} kind(` or a tuple `(TYPE[..], TYPE[..]) kind-start(`
-_OP = re.compile(r"=\s*(\([^=]*?\)|[a-z0-9]+\[[0-9,]*\](?:\{[^}]*\})?)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
+# `%name = SHAPE kind(` or `%name = (SHAPE, ...) kind-start(`: the result shape is what precedes the opcode.
+_OP = re.compile(r"=\s*(.*?)\s(" + "|".join(COLLECTIVES) + r")(-start)?\(")
 _SHAPE = re.compile(r"([a-z0-9]+)\[([0-9,]*)\]")
 
 
@@ -40,7 +42,7 @@ def _bytes(shape_text: str) -> int:
 def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
     """{kind: {"count", "bytes"}} of the collectives in an optimised HLO module (async pairs counted once)."""
     out: dict[str, dict[str, int]] = {}
-    for shape, kind, _ in _OP.findall(hlo_text):
+    for shape, kind, _ in (m.groups() for line in hlo_text.splitlines() if (m := _OP.search(line))):
         entry = out.setdefault(kind, {"count": 0, "bytes": 0})
         entry["count"] += 1
         entry["bytes"] += _bytes(shape)
