@@ -1,21 +1,18 @@
 #!/usr/bin/env bash
 # N maxlm processes on this machine, each with its own fake CPU devices, joined over 127.0.0.1: the multi-host
-# code path (per-host data, global arrays, collectives across processes) without a cluster.
+# code path (per-process data rows, global arrays, collectives across processes) without a cluster. A thin
+# wrapper over `maxlm launch local`, which supervises the processes (one failing stops the others, exit != 0).
 #
-#   launch/local_multiprocess.sh N DEVICES_PER_PROCESS maxlm-subcommand CONFIG [key=value ...]
+#   launch/local_multiprocess.sh N DEVICES_PER_PROCESS SUBCOMMAND CONFIG [key=value ...]
 #   e.g. launch/local_multiprocess.sh 2 4 train tiny run_dir=runs/mp
+#   DRY_RUN=1 launch/local_multiprocess.sh 2 4 train tiny     # print the process commands, run nothing
+#
+# Before a real cluster run, compile for it from this machine first: `maxlm compile CONFIG --target TARGET`.
 set -euo pipefail
 if [ $# -lt 4 ]; then echo "usage: $0 N DEVICES_PER_PROCESS SUBCOMMAND CONFIG [key=value ...]" >&2; exit 2; fi
-n=$1 per=$2; shift 2
+n=$1 per=$2 sub=$3; shift 3
 here=$(cd "$(dirname "$0")/.." && pwd)
-maxlm=${MAXLM:-$here/.venv/bin/maxlm}
-port=${MAXLM_PORT:-$((20000 + RANDOM % 20000))}
-pids=()
-for ((i = 0; i < n; i++)); do
-  MAXLM_COORDINATOR=127.0.0.1:$port MAXLM_NUM_PROCESSES=$n MAXLM_PROCESS_ID=$i JAX_PLATFORMS=cpu \
-    XLA_FLAGS="--xla_force_host_platform_device_count=$per" "$maxlm" "$@" &
-  pids+=($!)
-done
-status=0
-for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
-exit $status
+python=${MAXLM_PYTHON:-$here/.venv/bin/python}
+dry=()
+if [ "${DRY_RUN:-0}" = 1 ]; then dry=(--dry-run); fi
+exec "$python" -m maxlm launch local --processes "$n" --devices-per-process "$per" --subcommand "$sub" "${dry[@]}" "$@"

@@ -23,3 +23,21 @@ def apply_fake_cpu_mesh_flags() -> None:
 
 
 apply_fake_cpu_mesh_flags()
+
+
+def skip_absent_tpu() -> None:
+    """With libtpu installed (`maxlm[tpu-compile]`) but no TPU attached, jax would probe for one at startup and
+    print libtpu's initialisation errors on every command. When the machine has no TPU device files, leave the
+    TPU backend out (JAX_PLATFORMS) unless the user chose the platforms already. Compiling for a TPU target needs
+    no TPU backend: `maxlm compile` builds compile-only devices from libtpu directly."""
+    import importlib.util
+    from glob import glob
+
+    if _os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None:
+        return
+    if glob("/dev/accel*") or glob("/dev/vfio/[0-9]*"):
+        return  # a TPU VM: let jax find its chips
+    _os.environ["JAX_PLATFORMS"] = "cuda,cpu" if glob("/dev/nvidia[0-9]*") else "cpu"
+
+
+skip_absent_tpu()

@@ -2,4 +2,4 @@
 
 from maxlm.cli import main
 
-main()
+raise SystemExit(main())  # the exit code is the command's (launchers and tests read it)

@@ -100,10 +100,12 @@ def _delegate(module: str, function: str = "main") -> Callable[[list[str]], int]
 
 
 DELEGATED: dict[str, Callable[[list[str]], int]] = {
-    "plan": _delegate("maxlm.plan.cli"),
+    "plan": _delegate("maxlm.compile.verify", "plan_main"),  # plan, with --verify compiling the plan
     "convert": _delegate("maxlm.convert.cli"),
     "data": _delegate("maxlm.data.cli"),
     "bench-data": _delegate("maxlm.data.cli", "bench_main"),
+    "launch": _delegate("maxlm.launch.cli"),
+    "compile": _delegate("maxlm.compile.cli"),
 }
 
 
@@ -144,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("plan", help="scaling planner: compute budget -> config (see `maxlm plan --help`)", add_help=False)
     sub.add_parser("convert", help="Hugging Face <-> maxlm checkpoints (see `maxlm convert --help`)", add_help=False)
     sub.add_parser("data", help="data preparation (see `maxlm data --help`)", add_help=False)
+    sub.add_parser("compile", help="compile the train step for a TPU slice / GPU cluster from this machine: "
+                   "memory per device, fits, FLOPs, collectives (see `maxlm compile --help`)", add_help=False)
+    sub.add_parser("launch", help="several processes on this machine: `maxlm launch local --processes N "
+                   "--devices-per-process M CONFIG`", add_help=False)
     sub.add_parser("bench-data", help="input-pipeline throughput (see `maxlm bench-data --help`)", add_help=False)
     return p
 

@@ -31,9 +31,12 @@ def initialize() -> None:
     if _initialized or not wanted():
         return
     coord = os.environ.get("MAXLM_COORDINATOR")
+    # A dead peer is noticed within the heartbeat timeout (jax's default 100 s; `maxlm launch local` sets 20).
+    timeouts = {"heartbeat_timeout_seconds": _int_env("MAXLM_HEARTBEAT_TIMEOUT")}
+    timeouts = {k: v for k, v in timeouts.items() if v}
     if coord:
         jax.distributed.initialize(coordinator_address=coord, num_processes=_int_env("MAXLM_NUM_PROCESSES"),
-                                   process_id=_int_env("MAXLM_PROCESS_ID"))
+                                   process_id=_int_env("MAXLM_PROCESS_ID"), **timeouts)
     else:
-        jax.distributed.initialize()
+        jax.distributed.initialize(**timeouts)
     _initialized = True

@@ -102,3 +102,20 @@ def opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state: An
     return optax.tree_map_params(tx, lambda _, s: s, abstract_opt_state, param_shardings,
                                  transform_non_params=lambda _: replicated(mesh),
                                  is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
+def process_rows(sharding: NamedSharding, global_rows: int) -> tuple[int, int]:
+    """The global rows [start, stop) that this process's devices hold under the batch sharding: the rows its data
+    pipeline must yield (maxlm.data.shards). Raises ConfigError if they are not one contiguous range."""
+    index_map = sharding.addressable_devices_indices_map((global_rows, 1))
+    covered = sorted({range(*idx[0].indices(global_rows))[::1] for idx in index_map.values()},
+                     key=lambda r: r.start)
+    start, stop = covered[0].start, covered[0].stop
+    for r in covered[1:]:
+        if r.start > stop:
+            raise ConfigError(f"this process holds rows {[(c.start, c.stop) for c in covered]} of the global batch, "
+                              "not one contiguous range; order the mesh's batch axes so each host's devices are "
+                              "adjacent")
+        stop = max(stop, r.stop)
+    return start, stop
+

@@ -1,6 +1,6 @@
 """Per-host data sharding across two real JAX processes on localhost (gloo collectives on CPU).
 
-Both processes are started by `launch/local_multiprocess.sh` (4 fake CPU devices each, one 8-device mesh). Each
+Both processes are started by `maxlm.launch.local` (the launcher behind `maxlm launch local`) (4 fake CPU devices each, one 8-device mesh). Each
 builds only its own data shard, turns its rows into a global batch with `jax.make_array_from_process_local_data`
 (maxlm.train.batch.global_batch) and gathers it back. The union of the two processes' rows must equal the global
 batch a single process assembles from both shards, and the files each process opened must be disjoint.
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import numpy as np
 
 from maxlm.config import load_config, resolve_config_path
 from maxlm.data import BATCH_KEYS, build_dataset, train_tokenizer
+from maxlm.launch.local import LocalLaunch, run
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 2
@@ -73,12 +73,9 @@ def test_two_processes_read_disjoint_shards_and_assemble_the_global_batch(tmp_pa
     overrides = ["data.source=text", f"data.path={corpus}/*.txt", f"data.tokenizer={tok}", "model.vocab_size=300",
                  "data.seq_len=32", "train.global_batch_size=8"]
     (tmp_path / "worker.py").write_text(WORKER)
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "MAXLM_COORDINATOR")}
-    env |= {"MAXLM": sys.executable, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(["bash", str(ROOT / "launch" / "local_multiprocess.sh"), "2", "4",
-                           str(tmp_path / "worker.py"), str(tmp_path), str(STEPS), *overrides],
-                          capture_output=True, text=True, env=env, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    launch = LocalLaunch([sys.executable, str(tmp_path / "worker.py"), str(tmp_path), str(STEPS), *overrides], 2, 4,
+                         extra_env={"PYTHONPATH": str(ROOT)})
+    assert run(launch) == 0
     results = [json.loads((tmp_path / f"process{i}.json").read_text()) for i in range(2)]
 
     # The single-process view: shard 0's rows, then shard 1's (process 0 owns the first half of the mesh's devices).

@@ -195,6 +195,12 @@ def check_data_config(cfg: Config) -> None:
     _check_choice(d.text_split, TEXT_SPLITS, "data.text_split")
     _check_choice(d.resume, ("exact", "reshuffle"), "data.resume")
     _check_ranges(d)
+    if d.shards < 1 or cfg.train.global_batch_size % d.shards:
+        raise ConfigError(f"data.shards={d.shards} must be >= 1 and divide train.global_batch_size="
+                          f"{cfg.train.global_batch_size}; pick a divisor such as 1 or the process count")
+    if cfg.train.eval_every > 0 and cfg.micro_batch_size % d.shards:
+        raise ConfigError(f"data.shards={d.shards} must divide the eval batch (global_batch_size / grad_accum = "
+                          f"{cfg.micro_batch_size} rows); pick a smaller data.shards")
     if d.mixture and d.path:
         raise ConfigError("data.path and data.mixture are both set; put every source into data.mixture "
                           "(data.path is the single-source shorthand)")

@@ -156,6 +156,9 @@ class DataConfig:
     max_bad_fraction: float = 0.1  # unreadable/malformed items above this fraction stop the run
     prepare_workers: int = 0  # processes for `maxlm data prepare` (0: one per CPU core)
     resume: str = "exact"  # exact: refuse to resume onto other processes/workers/sources | reshuffle: new order
+    # Independent pipelines the global batch's rows are split into; fixed, so the rows do not depend on the number
+    # of processes (each process builds only the shards holding its rows). Set >= the process count at scale.
+    shards: int = 1
 
 
 @dataclass

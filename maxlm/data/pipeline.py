@@ -181,8 +181,10 @@ def _resolve(data: DataConfig, vocab_size: int, seed: int, shard_index: int, sha
         tokenize = _Tokenize(tokenizer, data.add_bos, data.add_eos, filters, split, data.eval_fraction)
         if c.format == "synthetic":
             salt = 0 if split == "train" else 0x5EED  # a disjoint, equally learnable held-out stream
+            # Each shard its own documents (shard 0 of 1 keeps the single-stream seed).
+            shard = (shard_index, shard_count) if shard_count > 1 else ()
             out.append(_Component(c, i + 1, SyntheticSource(vocab_size, data.seq_len, mix_seed(
-                data.shuffle_seed, seed, i, salt)), tokenize, shuffle=False))
+                data.shuffle_seed, seed, i, salt, *shard)), tokenize, shuffle=False))
             continue
         if c.name not in kept:
             continue

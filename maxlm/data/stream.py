@@ -111,6 +111,18 @@ class DataIterator(grain.DatasetIterator):
     def batches(self) -> int:
         return self._batch
 
+    @property
+    def positions(self) -> int:
+        """Token positions yielded so far (real + padding): the weight of this stream's stats among several."""
+        return self._positions
+
+    def restart(self, batch: int) -> None:
+        """Continue from batch `batch` with a new shuffle of every source (data.resume=reshuffle after the process
+        or shard layout changed): the step and stage are kept, the exact position is not."""
+        self._close_inner()
+        self._batch = batch
+        self._salt = batch + 1
+
     def get_state(self) -> dict[str, Any]:
         return {"maxlm_data_stream": STATE_VERSION, **self._ds.meta, "batch": self._batch, "stage": self._stage,
                 "salt": self._salt, "inner": self._inner.get_state() if self._inner is not None else None,
@@ -139,7 +151,7 @@ class DataIterator(grain.DatasetIterator):
                                   "and continue with a new shuffle of every source")
             log.warning("data: %s since the checkpoint; data.resume=reshuffle: continuing from batch %d with a new "
                         "shuffle of every source", what, self._batch)
-            self._salt = self._batch + 1
+            self.restart(self._batch)
             return
         self._salt = int(state.get("salt", 0))
         stage = self._stage_of(self._batch)

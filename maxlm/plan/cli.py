@@ -14,7 +14,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from maxlm.config import ConfigError
 from maxlm.flops import HARDWARE
@@ -86,37 +86,15 @@ def plan_parser() -> _Parser:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--write-config", metavar="PATH", help="write a maxlm YAML config for the plan")
     p.add_argument("--run-dir", help="run_dir of the written config (default: runs/<config name>)")
+    p.add_argument("--verify", action="store_true", help="compile the planned config for the planned hardware "
+                   "(maxlm compile; needs --hardware/--chips and the tpu-compile or gpu-compile extra) and set XLA's "
+                   "peak memory per device beside the estimate")
     return p
 
 
-def fit_parser() -> _Parser:
-    p = _Parser(prog="maxlm plan fit", description="Fit L(N, D) = E + A/N^alpha + B/D^beta to finished runs "
-                "(Hoffmann et al. 2022 Approach 3, with bootstrap intervals) and IsoFLOP parabolas (Approach 2).")
-    p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="CSV files with columns N,D,loss[,C], maxlm run directories, or directories of them")
-    p.add_argument("--out", metavar="PATH", help="write the fitted law as JSON (use with `maxlm plan --law PATH`)")
-    p.add_argument("--json", action="store_true", help="print the fit as JSON")
-    p.add_argument("--plot", metavar="PNG", help="draw the IsoFLOP curves and the fitted optimum (needs matplotlib)")
-    p.add_argument("--bootstrap", type=int, default=None, help="bootstrap resamples for the intervals (default 500)")
-    p.add_argument("--ci", type=float, default=0.95, help="interval coverage (default 0.95)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("--starts", default="pairs", choices=("pairs", "all"),
-                   help="L-BFGS starts: the 3 best grid points per (alpha, beta) pair (default), or all 4,500")
-    return p
-
-
-def sweep_parser() -> _Parser:
-    p = _Parser(prog="maxlm plan sweep", description="Write the configs of an IsoFLOP sweep: model sizes around "
-                "each budget's optimum, tokens set by the budget, ready for `maxlm train`.")
-    p.add_argument("--budgets", type=_floats, required=True, help="comma-separated budgets in FLOPs (6ND)")
-    p.add_argument("--points", type=int, default=5, help="model sizes per budget (default 5)")
-    p.add_argument("--span", type=float, default=4.0, help="sizes from N_opt/span to N_opt*span (default 4)")
-    p.add_argument("--chips", type=_positive_int, help="devices the runs train on (rows are a multiple of it)")
-    _add_model_flags(p)
-    p.add_argument("--out", default="sweep", help="directory for the configs (default sweep/)")
-    p.add_argument("--runs-dir", default="runs/sweep", help="parent of the runs' run_dir (default runs/sweep)")
-    p.add_argument("--json", action="store_true", help="print the sweep as JSON")
-    return p
+# `--verify` compiles the plan (maxlm.compile, a layer above this library): the top-level CLI passes the function.
+Verifier = Callable[[Any, "str | None"], dict[str, Any]]
+VERIFY_TOLERANCE = 0.15  # |estimate / XLA peak - 1| beyond this is reported
 
 
 def _write_config(plan: Any, path: str, run_dir: str | None, data: str, tokenizer: str) -> None:
@@ -139,7 +117,7 @@ def _write_config(plan: Any, path: str, run_dir: str | None, data: str, tokenize
     assert count_params(loaded.model).total == plan.shape.count.total, "written config's parameter count drifted"
 
 
-def _plan_main(argv: list[str]) -> int:
+def _plan_main(argv: list[str], verifier: Verifier | None = None) -> int:
     from maxlm.plan.planner import PlanRequest, make_plan
     from maxlm.plan.report import render
 
@@ -150,12 +128,23 @@ def _plan_main(argv: list[str]) -> int:
     plan = make_plan(req)
     if a.write_config:
         _write_config(plan, a.write_config, a.run_dir, a.data, a.tokenizer)
+    if a.verify and verifier is None:
+        raise ConfigError("--verify compiles the plan: run it through the `maxlm plan` command")
+    verify = verifier(plan, a.run_dir) if a.verify and verifier else None
     if a.json:
-        print(json.dumps(plan.to_dict() | {"config_path": a.write_config}, indent=2))
+        extra = {"verify": verify} if verify else {}
+        print(json.dumps(plan.to_dict() | {"config_path": a.write_config} | extra, indent=2))
     else:
         print(render(plan))
         if a.write_config:
             print(f"wrote {a.write_config}: maxlm train {a.write_config}")
+        if verify:
+            print(f"verify ({verify['target']}): XLA peak {verify['xla_peak_bytes_per_device'] / 2**30:.2f} GiB per "
+                  f"device, estimate {verify['estimate_bytes_per_device'] / 2**30:.2f} GiB "
+                  f"({verify['ratio']:.2f} x), compiled in {verify['compile_s']:.1f} s")
+    if verify and not verify["within_tolerance"]:
+        print(f"maxlm plan: warning: the memory estimate is {verify['ratio']:.2f} x XLA's peak (more than "
+              f"{VERIFY_TOLERANCE:.0%} off); trust XLA's number", file=sys.stderr)
     return 0
 
 
@@ -236,13 +225,14 @@ def _sweep_main(argv: list[str]) -> int:
     return 0
 
 
-def main(argv: list[str]) -> int:
-    """Dispatches `maxlm plan [fit|sweep] ...`; returns the exit code (errors are ConfigError)."""
+def main(argv: list[str], verifier: Verifier | None = None) -> int:
+    """Dispatches `maxlm plan [fit|sweep] ...`; returns the exit code (errors are ConfigError). `verifier`
+    compiles a plan for `--verify` (maxlm.compile.verify.verify_plan)."""
     if argv and argv[0] == "fit":
         return _fit_main(argv[1:])
     if argv and argv[0] == "sweep":
         return _sweep_main(argv[1:])
-    return _plan_main(argv)
+    return _plan_main(argv, verifier)
 
 
 if __name__ == "__main__":

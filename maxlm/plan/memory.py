@@ -182,6 +182,20 @@ def estimate_memory(m: ModelConfig, moe: MoESpec | None, count: ParamCount, seq_
         workspace=workspace, activations=tokens * (m.n_layers * saved + working), logits=logits)
 
 
+def estimate_for_config(cfg: Any, mesh_shape: dict[str, int]) -> MemoryEstimate:
+    """The estimate for a maxlm Config on a resolved mesh (what `maxlm compile` and `maxlm plan --verify` set
+    beside XLA's peak). Flash attention is assumed only where the config's attention is cuDNN."""
+    from maxlm.flops import count_params
+
+    m = cfg.model
+    moe = MoESpec(m.num_experts, m.experts_per_token) if m.ffn == "moe" else None
+    batch_ranks = mesh_shape["data"] * mesh_shape["fsdp"] * mesh_shape["expert"]
+    return estimate_memory(m, moe, count_params(m), cfg.data.seq_len,
+                           micro_rows=max(1, cfg.micro_batch_size // batch_ranks), data=mesh_shape["data"],
+                           fsdp=mesh_shape["fsdp"], tensor=mesh_shape["tensor"], grad_accum=cfg.train.grad_accum,
+                           remat=m.remat, flash=m.attention == "cudnn", expert=mesh_shape["expert"])
+
+
 def _divisors(n: int) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0]
 

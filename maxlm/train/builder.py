@@ -20,7 +20,7 @@ import optax
 
 from maxlm.config import Config, ConfigError, validate
 from maxlm.flops import HARDWARE, Hardware, detect_hardware, flops_per_token
-from maxlm.mesh import LogicalRules, build_mesh, logical_rules
+from maxlm.mesh import LogicalRules, build_mesh, logical_rules, process_rows
 from maxlm.model import Decoder
 from maxlm.model.moe import router_bias_update, uses_router_bias
 from maxlm.train.batch import abstract_batch, batch_shardings, global_batch
@@ -132,12 +132,14 @@ def build_run(cfg: Config, *, resume: bool = False) -> Run:
     in `checkpoint.dir` when there is one; else from `load_parameters_from` or a fresh init."""
     core = build_core(cfg)
     enable_compile_cache(cfg.train.compile_cache_dir)
-    from maxlm.data.pipeline import build_dataset  # grain is imported only when data is needed
+    from maxlm.data.shards import ProcessBatches  # grain is imported only when data is needed
 
-    n_proc, proc = jax.process_count(), jax.process_index()
-    dataset = build_dataset(cfg.data, vocab_size=cfg.model.vocab_size, batch_size=cfg.train.global_batch_size // n_proc,
-                            seed=cfg.seed, shard_index=proc, shard_count=n_proc, total_steps=cfg.train.steps)
-    data_iter = iter(dataset)
+    # This process's rows of each global batch, the same rows whatever the process count (maxlm.data.shards).
+    rows = cfg.train.global_batch_size
+    row_sharding = jax.tree_util.tree_leaves(core.batch_shardings)[0]
+    data_iter = ProcessBatches(cfg.data, vocab_size=cfg.model.vocab_size, global_batch_size=rows,
+                               rows=process_rows(row_sharding, rows), seed=cfg.seed, process_index=jax.process_index(),
+                               process_count=jax.process_count(), total_steps=cfg.train.steps)
     rng = jax.random.key(cfg.seed + 1)
     checkpointer = Checkpointer(cfg, core.mesh) if resume else None
     try:

@@ -23,7 +23,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from maxlm.config import Config
-from maxlm.mesh import LogicalRules, mesh_context, replicated
+from maxlm.mesh import LogicalRules, mesh_context, process_rows, replicated
 from maxlm.train.batch import LmBatch, batch_shardings, global_batch, local_batch
 from maxlm.train.losses import make_pretrain_loss
 
@@ -49,14 +49,19 @@ def make_evaluator(cfg: Config, mesh: Mesh, rules: LogicalRules, model: Any) -> 
     Call it on every process: scoring is a collective over the global batch."""
     if cfg.train.eval_every <= 0 or cfg.train.eval_steps <= 0:
         return None
-    from maxlm.data.pipeline import build_eval_batches
+    from maxlm.data.shards import ProcessBatches
 
-    n_proc = jax.process_count()
-    local = build_eval_batches(cfg.data, vocab_size=cfg.model.vocab_size, batch_size=cfg.micro_batch_size // n_proc,
-                               seed=cfg.seed, num_batches=cfg.train.eval_steps, shard_index=jax.process_index(),
-                               shard_count=n_proc)
     table = _token_bytes(cfg)
     shardings = batch_shardings(LmBatch, mesh, rules)
+    rows = cfg.micro_batch_size
+    # Read once and kept: every evaluation scores exactly the same tokens, the same on any number of processes.
+    it = ProcessBatches(dataclasses.replace(cfg.data, num_workers=0, stage_starts=[]), vocab_size=cfg.model.vocab_size,
+                        global_batch_size=rows, rows=process_rows(shardings.inputs, rows), seed=cfg.seed,
+                        process_index=jax.process_index(), process_count=jax.process_count(), split="eval")
+    try:
+        local = [next(it) for _ in range(cfg.train.eval_steps)]
+    finally:
+        it.close()
     # Each batch with the UTF-8 bytes of its trained target tokens (for bits per byte), summed on the host.
     typed = [local_batch(LmBatch, b) for b in local]
     batches = [(global_batch(LmBatch, vars(b), shardings),

@@ -1,0 +1,1 @@
+"""`maxlm compile`: the real train step compiled for a TPU slice or GPU cluster the host does not have."""

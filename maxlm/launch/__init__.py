@@ -1,0 +1,1 @@
+"""`maxlm launch`: start the multi-controller runtime's processes (today: several on this machine)."""
