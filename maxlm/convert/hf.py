@@ -1,4 +1,5 @@
-"""Hugging Face <-> maxlm, generic over architecture tables (llama.py, mixtral.py; a new one goes in ARCHITECTURES).
+"""Hugging Face <-> maxlm, generic over architecture tables (llama.py, mistral.py, qwen.py, mixtral.py, qwen3_moe.py;
+a new one goes in ARCHITECTURES).
 
     from_hf(HF_DIR, OUT)      safetensors + config.json -> a maxlm checkpoint directory (OUT/0/{params,meta})
     to_hf(CKPT, HF_DIR)       a maxlm checkpoint (any step, scanned or not) -> safetensors + config.json
@@ -26,14 +27,20 @@ from etils import epath
 
 from maxlm.config import Config, ConfigError, ModelConfig, check_static, load_config, parse_overrides
 from maxlm.convert.layout import Unit, assemble_params, param_leaves, unit_name
+from maxlm.convert.hf_options import rope_context
 from maxlm.convert.llama import LLAMA
 from maxlm.convert.mapping import REQUIRED, Architecture, TensorMap
+from maxlm.convert.mistral import MISTRAL
 from maxlm.convert.mixtral import MIXTRAL
+from maxlm.convert.qwen import QWEN2, QWEN3
+from maxlm.convert.qwen3_moe import QWEN3_MOE
 from maxlm.convert.params_store import CheckpointUnitSource, ParamsWriter
 from maxlm.convert.safetensors_io import PlannedTensor, SafetensorsReader, SafetensorsWriter
 from maxlm.checkpoint_format import ITEM_META, META_FILE, make_meta, read_meta, resolve_step_dir
 
-ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (LLAMA, MIXTRAL)}
+# Order matters for export: a maxlm model goes to the first family whose `fixed` options it has (a dense model
+# without a window is a Llama, with one a Mistral).
+ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN3_MOE)}
 CONFIG_FILE = "config.json"
 BLOCK_BYTES = 64 * 2**20  # tensors larger than this (embeddings, LM heads) convert in row blocks
 
@@ -84,7 +91,7 @@ def model_fields_from_hf(hf: dict[str, Any], where: str) -> tuple[Architecture, 
         else:
             value = key.default(flat) if callable(key.default) else key.default
         fields[key.field] = value
-    return arch, fields
+    return arch, fields | arch.derive(flat)
 
 
 def model_config_from_hf(hf: dict[str, Any], base: ModelConfig | None = None, where: str = "config.json"
@@ -94,8 +101,34 @@ def model_config_from_hf(hf: dict[str, Any], base: ModelConfig | None = None, wh
     return dataclasses.replace(base or ModelConfig(), **fields)
 
 
+def resolve_model_from_hf(cfg: Config, overrides: list[str] | None = None) -> Config:
+    """`model.from_hf: DIR`: every model key that DIR/config.json determines (shape, RoPE and its scaling, norms,
+    biases, QK-norm, window, MoE routing) is taken from it, replacing the YAML's; keys it does not determine
+    (dtype, remat, scan_layers, attention kernel, capacity) stay the config's. A command-line override of a
+    training-only key (balance coefficient, router jitter) wins; one of an architecture key that disagrees with
+    config.json is an error. Returns `cfg` with the model section resolved and checked."""
+    src = cfg.model.from_hf
+    if not src:
+        return cfg
+    where = f"model.from_hf={src}"
+    if not os.path.isfile(os.path.join(src, CONFIG_FILE)):
+        raise ConfigError(f"{where}: no {CONFIG_FILE} there; give a Hugging Face model directory")
+    arch, fields = model_fields_from_hf(read_hf_config(src), where)
+    training_only = {k.field for k in arch.config_keys if k.training_only}
+    explicit = parse_overrides(overrides or []).get("model", {})
+    clashes = [f"model.{k}={getattr(cfg.model, k)!r} but config.json gives {v!r}" for k, v in fields.items()
+               if k in explicit and k not in training_only and getattr(cfg.model, k) != v]
+    if clashes:
+        raise ConfigError(f"{where}: {'; '.join(clashes)} (drop the override: the model section comes from there)")
+    keep = {k for k in fields if k in training_only and k in explicit}
+    cfg.model = dataclasses.replace(cfg.model, **{k: v for k, v in fields.items() if k not in keep})
+    check_static(cfg)
+    return cfg
+
+
 def hf_config_from_model(cfg: ModelConfig, *, max_position_embeddings: int, dtype: str) -> dict[str, Any]:
-    """The config.json of a maxlm model (token ids are maxlm's tokenizer's: pad 0, bos 2, eos 3)."""
+    """The config.json of a maxlm model (token ids are maxlm's tokenizer's: pad 0, bos 2, eos 3). With llama3/yarn
+    RoPE scaling, max_position_embeddings is at least the scaled context."""
     from maxlm.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
     arch = architecture_for(cfg)
@@ -104,7 +137,8 @@ def hf_config_from_model(cfg: ModelConfig, *, max_position_embeddings: int, dtyp
         value = getattr(cfg, key.field)
         out[key.hf] = cfg.head_dim_resolved if key.field == "head_dim" else value
     out |= arch.extra_hf_config(cfg)
-    out |= {"max_position_embeddings": max_position_embeddings, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID,
+    out |= {"max_position_embeddings": rope_context(cfg, max_position_embeddings), "bos_token_id": BOS_ID,
+            "eos_token_id": EOS_ID,
             "pad_token_id": PAD_ID, "dtype": dtype, "torch_dtype": dtype, "use_cache": True}
     return out
 
