@@ -163,3 +163,99 @@ def test_unsupported_options_are_refused_in_one_line() -> None:
     # A YaRN config without a factor takes max_position_embeddings / original, as transformers does.
     yarn = model_config_from_hf(base | {"rope_scaling": {"type": "yarn", "original_max_position_embeddings": 16}})
     assert (yarn.rope_scaling, yarn.rope_factor, yarn.rope_original_max_positions) == ("yarn", 4.0, 16)
+
+
+# ---- presets: published config.json (Hugging Face hub, the keys that shape the model) -> maxlm, counts ----
+
+_LLAMA31_ROPE = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                 "original_max_position_embeddings": 8192, "rope_type": "llama3"}
+PUBLISHED = {  # preset: (config.json, parameter count on the model card / from transformers)
+    "llama3.1-8b": ({"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+                     "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                     "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "rope_scaling": _LLAMA31_ROPE,
+                     "max_position_embeddings": 131072, "tie_word_embeddings": False}, 8_030_261_248),
+    "llama3.2-1b": ({"model_type": "llama", "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192,
+                     "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
+                     "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "rope_scaling": _LLAMA31_ROPE | {"factor": 32.0},
+                     "max_position_embeddings": 131072, "tie_word_embeddings": True}, 1_235_814_400),
+    "qwen2.5-7b": ({"model_type": "qwen2", "vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944,
+                    "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4, "rms_norm_eps": 1e-6,
+                    "rope_theta": 1000000.0, "max_position_embeddings": 131072, "sliding_window": 131072,
+                    "use_sliding_window": False, "max_window_layers": 28, "tie_word_embeddings": False},
+                   7_615_616_512),
+    "qwen3-8b": ({"model_type": "qwen3", "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 12288,
+                  "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+                  "rms_norm_eps": 1e-6, "rope_theta": 1000000, "rope_scaling": None, "max_position_embeddings": 40960,
+                  "sliding_window": None, "use_sliding_window": False, "max_window_layers": 36,
+                  "attention_bias": False, "tie_word_embeddings": False}, 8_190_735_360),
+    "qwen3-30b-a3b": ({"model_type": "qwen3_moe", "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144,
+                       "moe_intermediate_size": 768, "num_hidden_layers": 48, "num_attention_heads": 32,
+                       "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128, "num_experts_per_tok": 8,
+                       "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
+                       "router_aux_loss_coef": 0.001, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+                       "max_position_embeddings": 40960, "sliding_window": None, "use_sliding_window": False,
+                       "max_window_layers": 48, "attention_bias": False, "tie_word_embeddings": False},
+                      30_532_122_624),
+    "mistral-7b": ({"model_type": "mistral", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
+                    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-5,
+                    "rope_theta": 10000.0, "sliding_window": 4096, "max_position_embeddings": 32768,
+                    "tie_word_embeddings": False}, 7_241_732_096),
+}
+
+
+def _meta_count(config_json: dict) -> int:
+    """transformers' parameter count of a config, on torch's meta device (nothing allocated)."""
+    cfg = transformers.AutoConfig.for_model(**config_json)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("preset", list(PUBLISHED))
+def test_preset_matches_published_config_and_counts(preset: str, capsys) -> None:
+    from maxlm.cli import main as maxlm_main
+    from maxlm.convert.hf import hf_config_from_model, model_fields_from_hf
+    from maxlm.flops import HARDWARE, count_params
+    from maxlm.model import count_params_eval_shape
+    from maxlm.plan.memory import choose_mesh
+    from maxlm.plan.shape import MoESpec
+
+    published, count = PUBLISHED[preset]
+    cfg = load_config(resolve_config_path(preset))
+    m = cfg.model
+    _, fields = model_fields_from_hf(published, preset)
+    effective = {k: getattr(m, k) for k in fields} | {"head_dim": m.head_dim or m.d_model // m.n_heads}
+    assert effective == fields  # the preset is what `model.from_hf` would build from the published config.json
+    export = hf_config_from_model(m, max_position_embeddings=cfg.data.seq_len, dtype="bfloat16")
+    assert count_params(m).total == count_params_eval_shape(m) == _meta_count(published) == _meta_count(export) == count
+    assert maxlm_main(["inspect", preset, "--devices", "64", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["total_params"] == count
+    moe = MoESpec(m.num_experts, m.experts_per_token) if m.ffn == "moe" else None
+    choice = choose_mesh(m, moe, count_params(m), cfg.data.seq_len, global_rows=cfg.train.global_batch_size,
+                         chips=64, hbm_bytes=HARDWARE["h100"].hbm_bytes)
+    assert choice.fits and choice.estimate.total <= choice.usable_bytes
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 8192},
+    {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 32768},
+    {"rope_type": "yarn", "rope_theta": 1e4, "factor": 40.0, "original_max_position_embeddings": 4096, "mscale": 1.0,
+     "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1, "truncate": False},
+    {"rope_type": "linear", "rope_theta": 1e4, "factor": 4.0},
+], ids=["llama3.1", "qwen2.5-yarn", "deepseek-yarn-mscale", "linear"])
+def test_rope_frequencies_equal_transformers(rope: dict) -> None:
+    """Full-size head_dim 128 frequencies and attention factor against transformers' own init functions."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from maxlm.model.rope import rope_frequencies
+
+    hf = {"model_type": "llama", "vocab_size": 10, "hidden_size": 4096, "intermediate_size": 64,
+          "num_hidden_layers": 1, "num_attention_heads": 32, "max_position_embeddings": 131072, "rope_parameters": rope}
+    inv_freq, factor = rope_frequencies(model_config_from_hf(hf))
+    want, want_factor = ROPE_INIT_FUNCTIONS[rope["rope_type"]](transformers.LlamaConfig(**hf), "cpu")
+    # maxlm evaluates the same formulas in float64 and rounds once; transformers rounds every float32 step. That
+    # moves llama3's smoothed frequencies by ~3e-7 relative, and YaRN's ramp (an un-truncated, fractional one,
+    # mixing frequencies 40x apart) by up to 2.4e-6; all other frequencies agree to float32 rounding.
+    np.testing.assert_allclose(inv_freq, want.numpy(), rtol=3e-6, atol=0)
+    assert factor == pytest.approx(want_factor, rel=1e-12)
