@@ -259,3 +259,26 @@ def test_rope_frequencies_equal_transformers(rope: dict) -> None:
     # mixing frequencies 40x apart) by up to 2.4e-6; all other frequencies agree to float32 rounding.
     np.testing.assert_allclose(inv_freq, want.numpy(), rtol=3e-6, atol=0)
     assert factor == pytest.approx(want_factor, rel=1e-12)
+
+
+def test_option_keys_are_validated_and_window_mask_follows_documents(tmp_path: Path, capsys) -> None:
+    from maxlm.cli import main as maxlm_main
+    from maxlm.model.attention import attention_mask
+
+    for overrides, phrase in [
+        (["model.rope_factor=4"], "model.rope_factor=4.0 is ignored by model.rope_scaling=none"),
+        (["model.rope_scaling=llama3", "model.rope_factor=8"], "needs model.rope_original_max_positions"),
+        (["model.rope_scaling=yarn", "model.rope_factor=4", "model.rope_original_max_positions=16",
+          "model.rope_beta_slow=40"], "need 0 < beta_slow < beta_fast"),
+        (["model.rope_scaling=ntk"], "model.rope_scaling='ntk' is not one of none, linear, llama3, yarn"),
+        (["model.sliding_window=-1"], "model.sliding_window must be >= 0"),
+        ([f"model.from_hf={tmp_path}"], "no config.json there"),
+    ]:
+        assert maxlm_main(["config", "tiny", *overrides]) == 2
+        err = capsys.readouterr().err
+        assert phrase in err and err.count("\n") == 1, err
+    # Two packed documents (positions restart): a window of 2 sees itself and one token back, never across.
+    seg = np.array([[1, 1, 1, 2, 2, 2]])
+    pos = np.array([[0, 1, 2, 0, 1, 2]])
+    mask = np.asarray(attention_mask(seg, seg, pos, pos, 2))[0, 0] & np.tril(np.ones((6, 6), bool))
+    assert [list(np.nonzero(row)[0]) for row in mask] == [[0], [0, 1], [1, 2], [3], [3, 4], [4, 5]]

@@ -38,8 +38,8 @@ def model_overrides(model: ModelConfig) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="maxlm convert",
-                                description="Hugging Face <-> maxlm checkpoints (Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen3-MoE).")
+    p = argparse.ArgumentParser(prog="maxlm convert", description="Hugging Face <-> maxlm checkpoints (Llama, "
+                                "Mistral, Qwen2, Qwen3, Mixtral, Qwen3-MoE).")
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("from-hf", help="Hugging Face directory (config.json + safetensors) -> maxlm checkpoint")
     a.add_argument("hf_dir")

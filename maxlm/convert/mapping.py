@@ -1,8 +1,9 @@
 """The vocabulary of architecture tables: how config.json keys and tensor names map to maxlm.
 
-An architecture (llama.py, mistral.py, qwen.py, mixtral.py, qwen3_moe.py) is data: a list of `ConfigKey`s, a list
-of `TensorMap`s and the maxlm options it fixes. The generic code in hf.py does everything else (reading, writing, stacking layers, experts,
-shape checks), so adding an architecture means writing its table, not new conversion code.
+An architecture (llama.py, mistral.py, qwen.py, mixtral.py, qwen3_moe.py) is data: a list of `ConfigKey`s, a
+list of `TensorMap`s, the maxlm options it fixes and the few fields derived from several keys (RoPE scaling,
+window, MoE layer pattern). The generic code in hf.py does everything else (reading, writing, stacking layers,
+experts, shape checks), so adding an architecture means writing its table, not new conversion code.
 """
 
 from __future__ import annotations
