@@ -1,7 +1,8 @@
 """The Hugging Face families people fine-tune, built tiny and random here (no download), one case each:
 
 Llama 3.x (RoPE `llama3`), Qwen2.5 (q/k/v biases, YaRN), Qwen3 (QK-norm, linear RoPE), Qwen3-MoE (QK-norm, a dense
-first layer, narrow experts, top-k without renormalisation) and Mistral (sliding window), plus Mixtral with a window.
+first layer, narrow experts, top-k without renormalisation) and Mistral (sliding window); Mixtral has its own
+module (tests/test_convert_mixtral.py) and shares this attention code.
 For each: maxlm's logits equal transformers' (float32, eager attention) within 1e-4 on 48 random tokens, past
 the RoPE scaling's original context (16) and past the sliding window (8); maxlm -> HF -> maxlm is bit-identical and
 transformers reads the export with the same logits; `maxlm convert config` prints the model section. The MoE
@@ -57,8 +58,6 @@ FAMILIES = {  # name: (config class, kwargs, maxlm fields the conversion must pr
                   dict(ffn="moe", qk_norm=True, num_experts=4, moe_ffn_dim=16, ffn_dim=48, router_renormalize=False,
                        first_dense_layers=1, moe_layer_interval=1)),
     "mistral": ("MistralConfig", dict(sliding_window=WINDOW), dict(sliding_window=WINDOW, rope_scaling="none")),
-    "mixtral-window": ("MixtralConfig", dict(sliding_window=WINDOW, num_local_experts=4, num_experts_per_tok=2),
-                       dict(ffn="moe", sliding_window=WINDOW, router_renormalize=True)),
 }
 IDS = np.random.RandomState(0).randint(0, VOCAB, size=(2, T))
 
@@ -73,7 +72,7 @@ def hf_model(path: Path, name: str, seed: int = 0):
     model = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
     with torch.no_grad():
         for pname, p in model.named_parameters():
-            router = pname.endswith("mlp.gate.weight") or pname.endswith("block_sparse_moe.gate.weight")
+            router = pname.endswith("mlp.gate.weight")
             p.normal_(1.0 if "norm" in pname else 0.0, 1.0 if router else 0.2)
     model.save_pretrained(path)
     return model
