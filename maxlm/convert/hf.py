@@ -138,8 +138,7 @@ def hf_config_from_model(cfg: ModelConfig, *, max_position_embeddings: int, dtyp
         out[key.hf] = cfg.head_dim_resolved if key.field == "head_dim" else value
     out |= arch.extra_hf_config(cfg)
     out |= {"max_position_embeddings": rope_context(cfg, max_position_embeddings), "bos_token_id": BOS_ID,
-            "eos_token_id": EOS_ID,
-            "pad_token_id": PAD_ID, "dtype": dtype, "torch_dtype": dtype, "use_cache": True}
+            "eos_token_id": EOS_ID, "pad_token_id": PAD_ID, "dtype": dtype, "torch_dtype": dtype, "use_cache": True}
     return out
 
 
