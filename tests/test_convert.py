@@ -21,7 +21,8 @@ import pytest
 from helpers import tiny_config
 from maxlm.config import ConfigError
 from maxlm.convert.cli import main as convert_main, parse_size
-from maxlm.convert.hf import from_hf, model_config_from_hf, to_hf
+from maxlm.convert.families import model_config_from_hf
+from maxlm.convert.hf import from_hf, to_hf
 from maxlm.convert.layout import param_leaves
 from maxlm.convert.params_store import model_config_from_meta
 from maxlm.convert.safetensors_io import INDEX_FILE, SafetensorsReader

@@ -27,11 +27,12 @@ import yaml
 
 from maxlm.config import ConfigError, load_config, resolve_config_path
 from maxlm.convert.cli import main as convert_main
-from maxlm.convert.hf import model_config_from_hf, resolve_model_from_hf
+from maxlm.convert.families import model_config_from_hf, model_fields_from_hf, resolve_model_from_hf
 from maxlm.convert.params_store import model_config_from_meta
 from maxlm.mesh import build_mesh, logical_rules
 from maxlm.model import Decoder, abstract_params
-from maxlm.train.checkpoint import load_parameters, read_meta
+from maxlm.checkpoint_format import read_meta
+from maxlm.train.checkpoint import load_parameters
 from maxlm.train.optimizer import make_optimizer
 from maxlm.train.state import state_layout
 from test_convert import apply, hf_logits, maxlm_logits
@@ -213,7 +214,7 @@ def _meta_count(config_json: dict) -> int:
 @pytest.mark.parametrize("preset", list(PUBLISHED))
 def test_preset_matches_published_config_and_counts(preset: str, capsys) -> None:
     from maxlm.cli import main as maxlm_main
-    from maxlm.convert.hf import hf_config_from_model, model_fields_from_hf
+    from maxlm.convert.hf import hf_config_from_model
     from maxlm.flops import HARDWARE, count_params
     from maxlm.model import count_params_eval_shape
     from maxlm.plan.memory import choose_mesh
@@ -281,3 +282,17 @@ def test_option_keys_are_validated_and_window_mask_follows_documents(tmp_path: P
     pos = np.array([[0, 1, 2, 0, 1, 2]])
     mask = np.asarray(attention_mask(seg, seg, pos, pos, 2))[0, 0] & np.tril(np.ones((6, 6), bool))
     assert [list(np.nonzero(row)[0]) for row in mask] == [[0], [0, 1], [1, 2], [3], [3, 4], [4, 5]]
+
+
+def test_from_hf_key_keeps_maxlm_config_light(tmp_path: Path) -> None:
+    """`maxlm config ... model.from_hf=DIR` reads config.json without loading jax (like every `maxlm config`)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "config.json").write_text(json.dumps(PUBLISHED["qwen3-30b-a3b"][0]))
+    code = ("import sys; from maxlm.cli import main; rc = main(['config', 'tiny', 'model.from_hf=%s']); "
+            "print('HEAVY', sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'torch'))); "
+            "sys.exit(rc)") % tmp_path
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "HEAVY []" in out.stdout and "num_experts: 128" in out.stdout, out.stdout[-500:]

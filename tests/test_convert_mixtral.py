@@ -22,7 +22,8 @@ import pytest
 
 from maxlm.config import ConfigError, load_config, resolve_config_path
 from maxlm.convert.cli import main as convert_main, model_overrides
-from maxlm.convert.hf import from_hf, hf_config_from_model, model_config_from_hf, to_hf
+from maxlm.convert.families import model_config_from_hf
+from maxlm.convert.hf import from_hf, hf_config_from_model, to_hf
 from maxlm.convert.params_store import model_config_from_meta
 from maxlm.convert.safetensors_io import INDEX_FILE, SafetensorsReader
 from maxlm.mesh import build_mesh, logical_rules

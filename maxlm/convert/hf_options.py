@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from maxlm.config import ModelConfig
-from maxlm.model_checks import ALL_ROPE_PARAMS, ROPE_PARAMS
+from maxlm.config.model_checks import ALL_ROPE_PARAMS, ROPE_PARAMS
 
 # Hugging Face rope_type -> model.rope_scaling
 ROPE_TYPES = {"default": "none", "linear": "linear", "llama3": "llama3", "yarn": "yarn"}
