@@ -23,7 +23,12 @@ def _force_cpu_devices(n: int) -> None:
 
 
 def _load(args: argparse.Namespace):
-    return load_config(resolve_config_path(args.config), args.overrides)
+    cfg = load_config(resolve_config_path(args.config), args.overrides)
+    if cfg.model.from_hf:  # the model section from a Hugging Face config.json
+        from maxlm.convert.families import resolve_model_from_hf
+
+        cfg = resolve_model_from_hf(cfg, args.overrides)
+    return cfg
 
 
 def cmd_config(args: argparse.Namespace) -> int:

@@ -72,6 +72,12 @@ def attention_params(m: ModelConfig) -> int:
     return m.d_model * hd * (2 * m.n_heads + 2 * m.n_kv_heads)  # q, o: H heads; k, v: K heads
 
 
+def attention_vector_params(m: ModelConfig) -> int:
+    """Attention parameters outside its matmuls: q/k/v biases (`qkv_bias`) and the two [head_dim] QK-norm scales."""
+    hd = m.head_dim_resolved
+    return (hd * (m.n_heads + 2 * m.n_kv_heads) if m.qkv_bias else 0) + (2 * hd if m.qk_norm else 0)
+
+
 def mlp_params(d_model: int, ffn_dim: int) -> int:
     return 3 * d_model * ffn_dim  # SwiGLU: gate, up, down
 
@@ -106,7 +112,7 @@ def count_params(m: ModelConfig) -> ParamCount:
     """
     embedding = m.vocab_size * m.d_model
     lm_head = 0 if m.tie_embeddings else m.vocab_size * m.d_model
-    attn_norms = attention_params(m) + 2 * m.d_model  # + two RMSNorm scales
+    attn_norms = attention_params(m) + attention_vector_params(m) + 2 * m.d_model  # + two RMSNorm scales
     n_moe = m.num_moe_layers
     n_dense = m.n_layers - n_moe
     dense_layer = attn_norms + mlp_params(m.d_model, m.ffn_dim)
@@ -133,11 +139,13 @@ def flops_per_token(m: ModelConfig, seq_len: int) -> float:
     input lookup is a gather). For MoE layers only the active experts count (k routed + shared + the router):
     MFU of an MoE model is measured against the compute a token actually needs. Plus 12 * L * H * hd * T for the
     attention scores and weighted values (QK^T and AV, 2 FLOPs per multiply-add, x3 for backward), not halved for
-    the causal mask, as in PaLM/MaxText. Norm scales are negligible and left out.
+    the causal mask, as in PaLM/MaxText; with a sliding window a query sees at most `sliding_window` keys, so T
+    becomes min(T, window). Norm scales and biases are negligible and left out.
     """
     hd = m.head_dim_resolved
     n_matmul = layer_matmul_params(m) + m.vocab_size * m.d_model
-    return 6.0 * n_matmul + 12.0 * m.n_layers * m.n_heads * hd * seq_len
+    keys = min(seq_len, m.sliding_window) if m.sliding_window > 0 else seq_len
+    return 6.0 * n_matmul + 12.0 * m.n_layers * m.n_heads * hd * keys
 
 
 def model_summary(m: ModelConfig, seq_len: int) -> dict[str, float]:

@@ -21,7 +21,8 @@ import pytest
 from helpers import tiny_config
 from maxlm.config import ConfigError
 from maxlm.convert.cli import main as convert_main, parse_size
-from maxlm.convert.hf import from_hf, model_config_from_hf, to_hf
+from maxlm.convert.families import model_config_from_hf
+from maxlm.convert.hf import from_hf, to_hf
 from maxlm.convert.layout import param_leaves
 from maxlm.convert.params_store import model_config_from_meta
 from maxlm.convert.safetensors_io import INDEX_FILE, SafetensorsReader
@@ -194,8 +195,10 @@ def test_config_mapping_and_unsupported_features(tmp_path: Path, capsys) -> None
     assert (m.n_kv_heads, m.head_dim, m.rope_theta, m.norm_eps, m.tie_embeddings) == (8, 8, 5e5, 1e-6, True)
     v5 = hf | {"rope_parameters": {"rope_theta": 1e4, "rope_type": "default"}, "num_key_value_heads": 2}
     assert model_config_from_hf(v5).rope_theta == 1e4 and model_config_from_hf(v5).n_kv_heads == 2
-    with pytest.raises(ConfigError, match="RoPE scaling 'llama3'"):
+    with pytest.raises(ConfigError, match="RoPE scaling 'llama3' without low_freq_factor, high_freq_factor"):
         model_config_from_hf(hf | {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
+    with pytest.raises(ConfigError, match="RoPE scaling 'longrope'"):
+        model_config_from_hf(hf | {"rope_scaling": {"rope_type": "longrope", "factor": 8.0}})
     with pytest.raises(ConfigError, match="attention_bias=true"):
         model_config_from_hf(hf | {"attention_bias": True})
     with pytest.raises(ConfigError, match="model_type 'gpt2' is not supported"):

@@ -22,7 +22,8 @@ import pytest
 
 from maxlm.config import ConfigError, load_config, resolve_config_path
 from maxlm.convert.cli import main as convert_main, model_overrides
-from maxlm.convert.hf import from_hf, hf_config_from_model, model_config_from_hf, to_hf
+from maxlm.convert.families import model_config_from_hf
+from maxlm.convert.hf import from_hf, hf_config_from_model, to_hf
 from maxlm.convert.params_store import model_config_from_meta
 from maxlm.convert.safetensors_io import INDEX_FILE, SafetensorsReader
 from maxlm.mesh import build_mesh, logical_rules
@@ -145,12 +146,12 @@ def test_config_mapping_and_unsupported_features(tmp_path: Path, capsys) -> None
     want = load_config(resolve_config_path("mixtral-8x7b")).model
     assert model_config_from_hf(published) == dataclasses.replace(want, remat="none", head_dim=128)
 
-    # A sliding window that never masks anything (>= max_position_embeddings) is full attention; a shorter one is
-    # refused, together with everything else maxlm cannot represent, in one line.
-    assert model_config_from_hf(published | {"sliding_window": 32768}).n_layers == 32
-    msg = _one_line_error(model_config_from_hf, published | {"sliding_window": 4096, "hidden_act": "gelu",
-                                                             "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
-    assert "sliding_window=4096" in msg and "hidden_act='gelu'" in msg and "RoPE scaling 'yarn'" in msg
+    # A sliding window is maxlm's model.sliding_window (every layer); what maxlm cannot represent is refused in one
+    # line (tests/test_convert_families.py has the window's logits parity).
+    assert model_config_from_hf(published | {"sliding_window": 4096}).sliding_window == 4096
+    msg = _one_line_error(model_config_from_hf, published | {"hidden_act": "gelu",
+                                                             "rope_scaling": {"rope_type": "dynamic", "factor": 4.0}})
+    assert "hidden_act='gelu'" in msg and "RoPE scaling 'dynamic'" in msg
 
     # maxlm -> config.json: the experts' width even when moe_ffn_dim is 0 (= ffn_dim); MoE configs that Mixtral
     # cannot express match no architecture, and the error says what Mixtral would need.

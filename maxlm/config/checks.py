@@ -7,6 +7,7 @@ import math
 import os
 
 from maxlm.config.data_spec import check_data_config
+from maxlm.config.model_checks import check_model_options
 from maxlm.config.schema import FFN_NAMES, MESH_AXES, OBJECTIVE_NAMES, REMAT_NAMES, Config, ConfigError, \
     MeshConfig, ModelConfig
 
@@ -56,6 +57,7 @@ def check_static(cfg: Config) -> None:
     _choice(m.attention, ("auto", "xla", "cudnn"), "model.attention")
     _choice(m.remat, REMAT_NAMES, "model.remat")
     _choice(m.ffn, FFN_NAMES, "model.ffn")
+    check_model_options(m)  # RoPE scaling, biases, QK-norm, sliding window
     if m.ffn == "moe":
         _check_moe(m)
     _choice(o.schedule, ("cosine", "wsd", "constant"), "optim.schedule")

@@ -60,6 +60,23 @@ class ModelConfig:
     ffn_dim: int = 11008
     ffn: str = "mlp"
     rope_theta: float = 10000.0
+    # RoPE frequency scaling for long context (maxlm/model/rope.py; transformers' modeling_rope_utils.py):
+    # none | linear | llama3 | yarn. Each type reads only its own parameters below.
+    rope_scaling: str = "none"
+    rope_factor: float = 1.0  # linear, llama3, yarn: context extension factor
+    rope_original_max_positions: int = 0  # llama3, yarn: pretraining context (HF original_max_position_embeddings)
+    rope_low_freq_factor: float = 1.0  # llama3
+    rope_high_freq_factor: float = 4.0  # llama3
+    rope_beta_fast: float = 32.0  # yarn: rotations above which a frequency is kept
+    rope_beta_slow: float = 1.0  # yarn: rotations below which a frequency is interpolated
+    rope_truncate: bool = True  # yarn: round the correction range to whole dimensions
+    rope_mscale: float = 0.0  # yarn (DeepSeek): attention factor numerator scale (0: unused)
+    rope_mscale_all_dim: float = 0.0  # yarn (DeepSeek): attention factor denominator scale (0: unused)
+    rope_attention_factor: float = 0.0  # yarn: scales cos/sin; 0: 0.1 ln(factor) + 1 (or the mscale ratio)
+    qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2)
+    qk_norm: bool = False  # RMSNorm over head_dim on every query and key head, before RoPE (Qwen3)
+    sliding_window: int = 0  # > 0: a token attends to itself and the previous sliding_window - 1 (Mistral)
+    from_hf: str = ""  # a Hugging Face model directory: its config.json sets this section's architecture keys
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
@@ -174,8 +191,8 @@ class OptimConfig:
     b2: float = 0.95
     eps: float = 1e-8
     weight_decay: float = 0.1
-    # Parameter leaf names never decayed (matched against the last path element).
-    no_decay: list = field(default_factory=lambda: ["scale", "embedding"])
+    # Parameter leaf names never decayed (matched against the last path element): norms, embeddings, biases.
+    no_decay: list = field(default_factory=lambda: ["scale", "embedding", "q_bias", "k_bias", "v_bias"])
     clip_norm: float = 1.0  # <= 0: no clipping
 
 

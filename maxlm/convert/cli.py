@@ -38,8 +38,8 @@ def model_overrides(model: ModelConfig) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="maxlm convert",
-                                description="Hugging Face <-> maxlm checkpoints (Llama and Mixtral).")
+    p = argparse.ArgumentParser(prog="maxlm convert", description="Hugging Face <-> maxlm checkpoints (Llama, "
+                                "Mistral, Qwen2, Qwen3, Mixtral, Qwen3-MoE).")
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("from-hf", help="Hugging Face directory (config.json + safetensors) -> maxlm checkpoint")
     a.add_argument("hf_dir")
@@ -66,14 +66,16 @@ def main(argv: list[str]) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from maxlm.convert import hf
-
     t0 = time.perf_counter()
     if args.command == "config":
-        model = hf.model_config_from_hf(hf.read_hf_config(args.hf_dir), where=args.hf_dir)
+        from maxlm.convert.families import model_config_from_hf, read_hf_config
+
+        model = model_config_from_hf(read_hf_config(args.hf_dir), where=args.hf_dir)
         print(yaml.safe_dump({"model": {k: v for k, v in dataclasses.asdict(model).items()
                                         if v != getattr(ModelConfig(), k)}}, sort_keys=False), end="")
         return 0
+    from maxlm.convert import hf
+
     if args.command == "from-hf":
         step_dir, cfg = hf.from_hf(args.hf_dir, args.out, args.overrides)
         print(f"wrote {step_dir} in {time.perf_counter() - t0:.1f} s")

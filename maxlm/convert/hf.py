@@ -1,4 +1,5 @@
-"""Hugging Face <-> maxlm, generic over architecture tables (llama.py, mixtral.py; a new one goes in ARCHITECTURES).
+"""Hugging Face <-> maxlm, generic over architecture tables (llama.py, mistral.py, qwen.py, mixtral.py, qwen3_moe.py;
+a new one goes in ARCHITECTURES).
 
     from_hf(HF_DIR, OUT)      safetensors + config.json -> a maxlm checkpoint directory (OUT/0/{params,meta})
     to_hf(CKPT, HF_DIR)       a maxlm checkpoint (any step, scanned or not) -> safetensors + config.json
@@ -26,15 +27,14 @@ from etils import epath
 
 from maxlm.config import Config, ConfigError, ModelConfig, check_static, load_config, parse_overrides
 from maxlm.convert.layout import Unit, assemble_params, param_leaves, unit_name
-from maxlm.convert.llama import LLAMA
-from maxlm.convert.mapping import REQUIRED, Architecture, TensorMap
-from maxlm.convert.mixtral import MIXTRAL
+from maxlm.convert.families import CONFIG_FILE, architecture_for, architecture_of, model_fields_from_hf, \
+    read_hf_config
+from maxlm.convert.hf_options import rope_context
+from maxlm.convert.mapping import Architecture, TensorMap
 from maxlm.convert.params_store import CheckpointUnitSource, ParamsWriter
 from maxlm.convert.safetensors_io import PlannedTensor, SafetensorsReader, SafetensorsWriter
 from maxlm.checkpoint_format import ITEM_META, META_FILE, make_meta, read_meta, resolve_step_dir
 
-ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (LLAMA, MIXTRAL)}
-CONFIG_FILE = "config.json"
 BLOCK_BYTES = 64 * 2**20  # tensors larger than this (embeddings, LM heads) convert in row blocks
 
 
@@ -43,59 +43,9 @@ def is_hf_dir(path: str) -> bool:
         n.endswith(".safetensors") for n in os.listdir(path))
 
 
-def read_hf_config(hf_dir: str) -> dict[str, Any]:
-    path = os.path.join(hf_dir, CONFIG_FILE)
-    if not os.path.isfile(path):
-        raise ConfigError(f"{hf_dir}: no {CONFIG_FILE}; give a Hugging Face model directory")
-    with open(path) as f:
-        return json.load(f)
-
-
-def architecture_of(hf: dict[str, Any], where: str) -> Architecture:
-    model_type = hf.get("model_type")
-    if model_type not in ARCHITECTURES:
-        raise ConfigError(f"{where}: model_type {model_type!r} is not supported; maxlm converts "
-                          f"{', '.join(sorted(ARCHITECTURES))}")
-    return ARCHITECTURES[model_type]
-
-
-def architecture_for(cfg: ModelConfig) -> Architecture:
-    for arch in ARCHITECTURES.values():
-        if arch.matches(cfg):
-            return arch
-    # Name what each architecture would need, so that e.g. a sigmoid-routed MoE does not read as an `ffn` problem.
-    needs = "; ".join(f"{a.model_type} needs " + ", ".join(f"model.{k}={v!r} (here {getattr(cfg, k)!r})"
-                                                           for k, v in a.fixed.items() if getattr(cfg, k) != v)
-                      for a in sorted(ARCHITECTURES.values(), key=lambda a: a.model_type))
-    raise ConfigError(f"no Hugging Face architecture matches this model: {needs}")
-
-
-def model_fields_from_hf(hf: dict[str, Any], where: str) -> tuple[Architecture, dict[str, Any]]:
-    """config.json -> the ModelConfig fields it determines (shape, RoPE, norm eps, tying, the fixed options)."""
-    arch = architecture_of(hf, where)
-    flat = arch.normalize(hf)
-    arch.check(flat)
-    fields: dict[str, Any] = dict(arch.fixed)
-    for key in arch.config_keys:
-        if flat.get(key.hf) is not None:
-            value = flat[key.hf]
-        elif key.default is REQUIRED:
-            raise ConfigError(f"{where}: {CONFIG_FILE} has no {key.hf!r}")
-        else:
-            value = key.default(flat) if callable(key.default) else key.default
-        fields[key.field] = value
-    return arch, fields
-
-
-def model_config_from_hf(hf: dict[str, Any], base: ModelConfig | None = None, where: str = "config.json"
-                         ) -> ModelConfig:
-    """A ModelConfig for a Hugging Face config: `base` (default: maxlm's defaults) with the mapped fields."""
-    _, fields = model_fields_from_hf(hf, where)
-    return dataclasses.replace(base or ModelConfig(), **fields)
-
-
 def hf_config_from_model(cfg: ModelConfig, *, max_position_embeddings: int, dtype: str) -> dict[str, Any]:
-    """The config.json of a maxlm model (token ids are maxlm's tokenizer's: pad 0, bos 2, eos 3)."""
+    """The config.json of a maxlm model (token ids are maxlm's tokenizer's: pad 0, bos 2, eos 3). With llama3/yarn
+    RoPE scaling, max_position_embeddings is at least the scaled context."""
     from maxlm.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
     arch = architecture_for(cfg)
@@ -104,8 +54,8 @@ def hf_config_from_model(cfg: ModelConfig, *, max_position_embeddings: int, dtyp
         value = getattr(cfg, key.field)
         out[key.hf] = cfg.head_dim_resolved if key.field == "head_dim" else value
     out |= arch.extra_hf_config(cfg)
-    out |= {"max_position_embeddings": max_position_embeddings, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID,
-            "pad_token_id": PAD_ID, "dtype": dtype, "torch_dtype": dtype, "use_cache": True}
+    out |= {"max_position_embeddings": rope_context(cfg, max_position_embeddings), "bos_token_id": BOS_ID,
+            "eos_token_id": EOS_ID, "pad_token_id": PAD_ID, "dtype": dtype, "torch_dtype": dtype, "use_cache": True}
     return out
 
 

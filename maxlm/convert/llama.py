@@ -1,4 +1,4 @@
-"""Hugging Face Llama (`LlamaForCausalLM`) <-> maxlm's dense decoder: the whole architecture as a table.
+"""Hugging Face Llama (`LlamaForCausalLM`, Llama 2 and 3.x) <-> maxlm's dense decoder: the architecture as a table.
 
 Tensors (transformers 5 names; torch Linear weights are [out, in]):
 
@@ -14,6 +14,10 @@ Tensors (transformers 5 names; torch Linear weights are [out, in]):
     model.layers.{i}.mlp.down_proj.weight           [D, F]      mlp.down                   [F, D]
     model.norm.weight                               [D]         final_norm.scale           [D]
     lm_head.weight (absent when tied)               [V, D]      lm_head                    [D, V]
+
+RoPE scaling (Llama 3.1-3.3: `rope_type: llama3`; also linear and yarn) maps to `model.rope_scaling` and its
+parameters (maxlm/convert/hf_options.py). Llama's `attention_bias` puts a bias on o as well, which maxlm does not
+have (its `qkv_bias` is Qwen2's q/k/v-only biases), so it is refused, as are MLP biases and other activations.
 """
 
 from __future__ import annotations
@@ -21,37 +25,37 @@ from __future__ import annotations
 from typing import Any
 
 from maxlm.config import ConfigError, ModelConfig
+from maxlm.convert import hf_options
 from maxlm.convert.mapping import Architecture, ConfigKey, Linear, TensorMap
 
+normalize = hf_options.normalize
 
-def normalize(hf: dict[str, Any]) -> dict[str, Any]:
-    """transformers 5 keeps RoPE settings in `rope_parameters`; 4.x wrote `rope_theta` / `rope_scaling`."""
-    out = dict(hf)
-    rope = hf.get("rope_parameters") or {}
-    if "rope_theta" in rope:
-        out["rope_theta"] = rope["rope_theta"]
-    scaling = hf.get("rope_scaling") or rope
-    out["rope_type"] = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
-    return out
+
+def common_problems(hf: dict[str, Any]) -> list[str]:
+    """What no family table maps: RoPE types other than linear/llama3/yarn, non-SwiGLU activations, MLP biases."""
+    problems = hf_options.rope_problems(hf)
+    if hf.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act={hf['hidden_act']!r} (maxlm's MLP is SwiGLU)")
+    if hf.get("mlp_bias"):
+        problems.append("mlp_bias=true (maxlm's MLP has no biases)")
+    return problems
+
+
+def refuse(family: str, problems: list[str]) -> None:
+    if problems:
+        raise ConfigError(f"this {family} config uses what maxlm cannot represent: " + "; ".join(problems))
 
 
 def check(hf: dict[str, Any]) -> None:
-    problems = []
-    if hf.get("rope_type", "default") != "default":
-        problems.append(f"RoPE scaling {hf['rope_type']!r} (maxlm implements plain RoPE with a theta)")
-    for key in ("attention_bias", "mlp_bias"):
-        if hf.get(key):
-            problems.append(f"{key}=true (maxlm's projections have no bias)")
-    if hf.get("hidden_act", "silu") != "silu":
-        problems.append(f"hidden_act={hf['hidden_act']!r} (maxlm's MLP is SwiGLU)")
-    if problems:
-        raise ConfigError("this Llama config uses what maxlm cannot represent: " + "; ".join(problems))
+    problems = common_problems(hf)
+    if hf.get("attention_bias"):
+        problems.append("attention_bias=true (biases on q, k, v and o; maxlm's model.qkv_bias has none on o)")
+    refuse("Llama", problems)
 
 
 def extra_hf_config(cfg: ModelConfig) -> dict[str, Any]:
     return {"hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False,
-            "pretraining_tp": 1, "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"},
-            "rope_theta": cfg.rope_theta, "initializer_range": cfg.init_std}
+            "pretraining_tp": 1, "initializer_range": cfg.init_std} | hf_options.rope_hf(cfg)
 
 
 LLAMA_CONFIG_KEYS = (
@@ -68,21 +72,25 @@ LLAMA_CONFIG_KEYS = (
 )
 
 LAYER = "model.layers.{i}."
+ATTN = LAYER + "self_attn."
 LLAMA_TENSORS = (
     TensorMap(("embed", "embedding"), "model.embed_tokens.weight", per_layer=False),
     TensorMap(("final_norm", "scale"), "model.norm.weight", per_layer=False),
     TensorMap(("lm_head",), "lm_head.weight", Linear(1), per_layer=False, when=lambda cfg: not cfg.tie_embeddings),
     TensorMap(("attn_norm", "scale"), LAYER + "input_layernorm.weight"),
-    TensorMap(("attn", "q"), LAYER + "self_attn.q_proj.weight", Linear(1)),
-    TensorMap(("attn", "k"), LAYER + "self_attn.k_proj.weight", Linear(1)),
-    TensorMap(("attn", "v"), LAYER + "self_attn.v_proj.weight", Linear(1)),
-    TensorMap(("attn", "o"), LAYER + "self_attn.o_proj.weight", Linear(2)),
+    TensorMap(("attn", "q"), ATTN + "q_proj.weight", Linear(1)),
+    TensorMap(("attn", "k"), ATTN + "k_proj.weight", Linear(1)),
+    TensorMap(("attn", "v"), ATTN + "v_proj.weight", Linear(1)),
+    TensorMap(("attn", "o"), ATTN + "o_proj.weight", Linear(2)),
     TensorMap(("ffn_norm", "scale"), LAYER + "post_attention_layernorm.weight"),
     TensorMap(("mlp", "gate"), LAYER + "mlp.gate_proj.weight", Linear(1)),
     TensorMap(("mlp", "up"), LAYER + "mlp.up_proj.weight", Linear(1)),
     TensorMap(("mlp", "down"), LAYER + "mlp.down_proj.weight", Linear(1)),
 )
 
+# What every dense family without its own options fixes (also how to-hf tells the families apart).
+PLAIN_ATTENTION = {"qkv_bias": False, "qk_norm": False}
+
 LLAMA = Architecture(model_type="llama", hf_class="LlamaForCausalLM", config_keys=LLAMA_CONFIG_KEYS,
-                     tensors=LLAMA_TENSORS, fixed={"ffn": "mlp"}, check=check, normalize=normalize,
-                     extra_hf_config=extra_hf_config)
+                     tensors=LLAMA_TENSORS, fixed={"ffn": "mlp", "sliding_window": 0} | PLAIN_ATTENTION, check=check,
+                     normalize=normalize, derive=hf_options.rope_fields, extra_hf_config=extra_hf_config)

@@ -1,8 +1,9 @@
 """The vocabulary of architecture tables: how config.json keys and tensor names map to maxlm.
 
-An architecture (llama.py, mixtral.py) is data: a list of `ConfigKey`s, a list of `TensorMap`s and the maxlm
-options it fixes. The generic code in hf.py does everything else (reading, writing, stacking layers, experts,
-shape checks), so adding an architecture means writing its table, not new conversion code.
+An architecture (llama.py, mistral.py, qwen.py, mixtral.py, qwen3_moe.py) is data: a list of `ConfigKey`s, a
+list of `TensorMap`s, the maxlm options it fixes and the few fields derived from several keys (RoPE scaling,
+window, MoE layer pattern). The generic code in hf.py does everything else (reading, writing, stacking layers,
+experts, shape checks), so adding an architecture means writing its table, not new conversion code.
 """
 
 from __future__ import annotations
@@ -54,6 +55,19 @@ class Same(Transform):
 
     def row_index(self, shape: tuple[int, ...], rows: slice) -> tuple[slice, ...] | None:
         return (rows,) + (slice(None),) * (len(shape) - 1) if shape else None
+
+
+class Flatten(Transform):
+    """A Hugging Face vector <-> a maxlm tensor of the same elements, e.g. a q bias [N*H] <-> [N, H]."""
+
+    def hf_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (math.prod(shape),)
+
+    def to_maxlm(self, hf: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        return hf.reshape(shape)
+
+    def to_hf(self, x: np.ndarray) -> np.ndarray:
+        return x.reshape(-1)
 
 
 @dataclass(frozen=True)
@@ -155,6 +169,9 @@ class Architecture:
     check: Callable[[dict[str, Any]], None] = lambda hf: None
     # config.json as transformers writes it -> flat keys (e.g. rope_parameters.rope_theta -> rope_theta)
     normalize: Callable[[dict[str, Any]], dict[str, Any]] = lambda hf: dict(hf)
+    # ModelConfig fields that are not one config.json key each (RoPE scaling, sliding window, MoE layer pattern),
+    # from the normalised config.json (after `check`); `extra_hf_config` writes them back
+    derive: Callable[[dict[str, Any]], dict[str, Any]] = lambda hf: {}
     # keys written to config.json beyond the mapped ones (activation, biases, RoPE type, ...)
     extra_hf_config: Callable[[ModelConfig], dict[str, Any]] = lambda cfg: {}
 

@@ -22,9 +22,8 @@ assignments a training step computes, not what the weights mean, so a model trai
 exports (transformers runs it dropless), and maxlm's default, 0, makes an imported Mixtral dropless as in
 transformers.
 
-Sliding-window attention (config.json `sliding_window`, null in the published Mixtrals) has no maxlm equivalent:
-a window shorter than `max_position_embeddings` is refused; one at least that long never masks anything and is
-accepted as full causal attention.
+Sliding-window attention (config.json `sliding_window`, null in the published Mixtrals) applies to every layer,
+as `model.sliding_window`.
 """
 
 from __future__ import annotations
@@ -32,9 +31,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from maxlm.config import ConfigError, ModelConfig
-from maxlm.convert import llama
-from maxlm.convert.llama import LAYER, LLAMA_CONFIG_KEYS, LLAMA_TENSORS
+from maxlm.config import ModelConfig
+from maxlm.convert import hf_options, llama
+from maxlm.convert.llama import LAYER, LLAMA_CONFIG_KEYS, LLAMA_TENSORS, PLAIN_ATTENTION
 from maxlm.convert.mapping import Architecture, ConfigKey, Linear, TensorMap
 
 # What MixtralConfig fills in for an absent key where it differs from LlamaConfig (transformers 5.23).
@@ -62,22 +61,16 @@ MIXTRAL_TENSORS = tuple(t for t in LLAMA_TENSORS if t.maxlm[0] != "mlp") + (
 
 MIXTRAL_FIXED: dict[str, Any] = {"ffn": "moe", "router_scoring": "softmax", "router_renormalize": True,
                                  "router_scale": 1.0, "shared_experts": 0, "first_dense_layers": 0,
-                                 "moe_layer_interval": 1}
+                                 "moe_layer_interval": 1} | PLAIN_ATTENTION
 
 
 def check(hf: dict[str, Any]) -> None:
     """One line naming every feature of a (normalised) Mixtral config.json that maxlm cannot represent."""
-    problems = []
-    if hf.get("rope_type", "default") != "default":
-        problems.append(f"RoPE scaling {hf['rope_type']!r} (maxlm implements plain RoPE with a theta)")
-    if hf.get("hidden_act", "silu") != "silu":
-        problems.append(f"hidden_act={hf['hidden_act']!r} (maxlm's experts are SwiGLU)")
-    window, max_pos = hf.get("sliding_window"), hf.get("max_position_embeddings")
-    if window is not None and (max_pos is None or window < max_pos):
-        problems.append(f"sliding_window={window} (maxlm's attention is full causal; a window is only ignorable "
-                        f"when it is at least max_position_embeddings={max_pos})")
-    if problems:
-        raise ConfigError("this Mixtral config uses what maxlm cannot represent: " + "; ".join(problems))
+    llama.refuse("Mixtral", llama.common_problems(hf))
+
+
+def derive(hf: dict[str, Any]) -> dict[str, Any]:
+    return hf_options.rope_fields(hf) | hf_options.window_all_layers(hf, absent=None)
 
 
 _LLAMA_ONLY_KEYS = ("attention_bias", "mlp_bias", "pretraining_tp")  # not MixtralConfig fields
@@ -88,9 +81,9 @@ def extra_hf_config(cfg: ModelConfig) -> dict[str, Any]:
     # Written after the mapped keys, so this wins over ffn_dim / moe_ffn_dim: the experts' effective width
     # (moe_ffn_dim 0 means ffn_dim), which for an all-MoE model is the only feed-forward width there is.
     out["intermediate_size"] = cfg.moe_ffn_dim or cfg.ffn_dim
-    return out | {"sliding_window": None, "output_router_logits": False}
+    return out | {"sliding_window": cfg.sliding_window or None, "output_router_logits": False}
 
 
 MIXTRAL = Architecture(model_type="mixtral", hf_class="MixtralForCausalLM", config_keys=MIXTRAL_CONFIG_KEYS,
-                       tensors=MIXTRAL_TENSORS, fixed=MIXTRAL_FIXED, check=check, normalize=llama.normalize,
-                       extra_hf_config=extra_hf_config)
+                       tensors=MIXTRAL_TENSORS, fixed=MIXTRAL_FIXED, check=check, normalize=hf_options.normalize,
+                       derive=derive, extra_hf_config=extra_hf_config)

@@ -1,4 +1,4 @@
-"""Building blocks of the decoder: parameters with logical axes, RMSNorm, RoPE, the embedding.
+"""Building blocks of the decoder: parameters with logical axes, RMSNorm, the embedding (RoPE: rope.py).
 
 Every parameter is created through `param` so it carries logical axis names; which mesh axes those map to is
 decided only by the rules table in the config (`mesh.rules`), never here.
@@ -69,23 +69,6 @@ class RMSNorm(nn.Module):
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
         return (x32 * scale_D.astype(jnp.float32)).astype(x.dtype)
-
-
-def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
-    """Rotary position embedding (Su et al. 2021), rotate-half layout as in Hugging Face Llama.
-
-    Pair (x_i, x_{i+H/2}) is rotated by angle pos * theta^(-2i/H). Positions come from the batch, so packed
-    documents each start at position 0 and a document's encoding does not depend on its neighbours.
-    """
-    H = x_BTNH.shape[-1]
-    inv_freq_K = theta ** (-jnp.arange(0, H, 2, dtype=jnp.float32) / H)  # K = H/2 frequencies
-    angles_BTK = positions_BT.astype(jnp.float32)[..., None] * inv_freq_K
-    cos_BT1K = jnp.cos(angles_BTK)[:, :, None, :]
-    sin_BT1K = jnp.sin(angles_BTK)[:, :, None, :]
-    x32 = x_BTNH.astype(jnp.float32)
-    x1, x2 = x32[..., : H // 2], x32[..., H // 2 :]
-    out = jnp.concatenate([x1 * cos_BT1K - x2 * sin_BT1K, x2 * cos_BT1K + x1 * sin_BT1K], axis=-1)
-    return out.astype(x_BTNH.dtype)
 
 
 class Embed(nn.Module):

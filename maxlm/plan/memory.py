@@ -139,8 +139,9 @@ def activation_bytes_per_token(m: ModelConfig, moe: MoESpec | None, seq_len: int
         dispatch = ACT_BYTES * d * (2 * k + (4 * s * k if s > 1 else 0))
         router = 4.0 * moe.num_experts  # f32 router logits
     scores = 0.0 if flash else ACT_BYTES * m.n_heads * T / t  # softmax probabilities kept by XLA attention
+    qk_normed = (q + kv / 2) / t if m.qk_norm else 0.0  # QK-norm: q and k before and after their RMSNorm
     # none: x, norm1(x), q, k, v, attention out, x + attn, norm2(.), gate, up, silu(gate) * up
-    none = ACT_BYTES * (4 * d + (2 * q + kv + 3 * f) / t) + scores + router + 4.0 * m.n_heads / t + dispatch
+    none = ACT_BYTES * (4 * d + (2 * q + kv + 3 * f) / t + qk_normed) + scores + router + 4.0 * m.n_heads / t + dispatch
     if remat == "none":
         saved = none
     elif remat == "dots":
