@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from maxlm.config import ModelConfig
+from maxlm.model.precision import resolve_dtype
 
 Names = tuple[str | None, ...]
 Initializer = Callable[..., jax.Array]
@@ -52,10 +53,9 @@ def swiglu(module: nn.Module, x_BTD: jax.Array, D: int, F: int, names: tuple[str
 
 
 def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
-    """`auto` is bfloat16 on accelerators and float32 on CPU (CPU bf16 matmuls are slow and only emulated)."""
-    if cfg.dtype == "auto":
-        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-    return jnp.dtype(cfg.dtype)
+    """The matmul dtype: `model.dtype`, where `auto` is bfloat16 on backends with native bf16 matmuls and float32
+    elsewhere (maxlm.model.precision says which)."""
+    return resolve_dtype(cfg.dtype)
 
 
 class RMSNorm(nn.Module):
