@@ -10,7 +10,7 @@ import pytest
 from helpers import random_batch, tiny_config
 from maxlm.model import Decoder
 from maxlm.model import precision
-from maxlm.model.ffn import grad_barrier
+from maxlm.model.layers import grad_barrier
 from maxlm.model.layers import RMSNorm, compute_dtype
 
 
