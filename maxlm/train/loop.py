@@ -171,6 +171,9 @@ def _loop(cfg: Config, run: Run, preemption: Preemption, progress: bool) -> dict
                 check_streak(previous[0], previous[1]["nonfinite_run"])
             previous = (done, metrics)
             if done % cfg.train.log_every == 0 or done == cfg.train.steps or done == start + 1:
+                param_norm = getattr(run.step_fn, "param_norm", None)  # not in the step: see step.py
+                if param_norm is not None:
+                    metrics = metrics | {"param_norm": param_norm(state.params)}
                 metrics = jax.device_get(metrics)  # the only full host sync: once per logged step
                 now = time.perf_counter()
                 step_s = (now - t_last) / (done - s_last)
