@@ -47,9 +47,9 @@ def test_bf16_compute_keeps_f32_weights_norms_and_logits() -> None:
     b = random_batch(2, 16, cfg.vocab_size)
     params = model.init(jax.random.key(0), b["inputs"])["params"]
     assert {x.dtype for x in jax.tree_util.tree_leaves(params)} == {jnp.dtype(jnp.float32)}
-    logits_bf16 = model.apply({"params": params}, b["inputs"])
+    logits_bf16 = jax.jit(model.apply)({"params": params}, b["inputs"])
     assert logits_bf16.dtype == jnp.float32
-    logits_f32 = Decoder(tiny_config("model.dtype=float32").model).apply({"params": params}, b["inputs"])
+    logits_f32 = jax.jit(Decoder(tiny_config("model.dtype=float32").model).apply)({"params": params}, b["inputs"])
     np.testing.assert_allclose(np.asarray(logits_bf16), np.asarray(logits_f32), atol=0.05)  # bf16: ~3 digits
     x = jnp.asarray(np.random.RandomState(0).normal(size=(2, 3, cfg.d_model)), jnp.bfloat16)
     y, _ = RMSNorm(cfg).init_with_output(jax.random.key(0), x)
