@@ -7,15 +7,16 @@ weighted units and reports their count as metrics["weight"]; the step combines m
 sum_i w_i * loss_i / sum_i w_i (and the same for gradients), which equals the loss of the whole batch at once.
 
 Non-finite guard: a step whose loss or gradient norm is NaN/Inf keeps the parameters and optimizer state exactly as
-they were, and the step counts it in
-`state.nonfinite_run` (the current streak, which the loop compares with `train.max_nonfinite_steps`) and
-`state.nonfinite_total`. The step counter still advances, because the batch was consumed: a resumed run then
-reads the same data as an uninterrupted one. A finite loss and a finite gradient norm are enough: the gradient is
+they were, and the step counts it in `state.nonfinite_run` (the current streak, which the loop compares with
+`train.max_nonfinite_steps`) and `state.nonfinite_total`. The step counter still advances, because the batch was
+consumed: a resumed run then reads the same data as an uninterrupted one. A finite loss and a finite gradient norm are enough: the gradient is
 then finite leaf by leaf (its squares sum to a finite number), clipping scales it by a finite factor, and AdamW of a
 finite gradient and finite moments is finite (no separate update-norm reduction, which cost one more all-reduce).
 The decision is one scalar, computed once and materialised behind an optimization barrier so XLA does not re-derive
-it inside every parameter's select fusion (it did: 121 is-finite ops in the compiled step), then applied by one
-select per leaf (in place, on the donated state; no host round-trip).
+it inside every parameter's select fusion (jax 0.12 on the 2-layer CPU benchmark: 80 is-finite ops without the
+barrier, 2 with it; jax 0.10.2 expands the barrier early and still copies the two scalar tests into each fusion),
+then applied by one select per leaf, fused into that leaf's optimizer update (in place on the donated state; no
+host round-trip).
 
 Per-step metrics avoid collectives of their own: `accuracy` reuses the softmax's max (losses.py), and `param_norm`,
 a reduction over every sharded parameter, is not part of the step: `run.param_norm(params)` is a separate small
