@@ -1,5 +1,5 @@
 # The two commands of the README: `make run` and `make test`. Both create .venv when missing.
-# The newest Python >= 3.12 that runs (jax >= 0.11 needs 3.12, and its XLA:CPU has native bf16 matmuls): python3.N
+# The newest Python >= 3.12 that runs (jax >= 0.11 needs it; jax 0.12 brings bf16 matmuls on AMX CPUs): python3.N
 # on PATH, then pyenv's installed versions; else python3. `make test PYTHON=python3.11` overrides (then `make clean`
 # first if .venv was made by another Python).
 ifndef PYTHON
