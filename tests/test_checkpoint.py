@@ -257,8 +257,8 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path: Path) -> None:
     def poisoned():  # from the 5th batch on, NaN token weights (what a corrupt record does to the loss)
         for i, batch in enumerate(clean):
             if i >= 4:
-                w = batch["targets_weights"]
-                batch = batch | {"targets_weights": jax.device_put(np.full(w.shape, np.nan, np.float32), w.sharding)}
+                w = batch.targets_weights
+                batch = batch.replace(targets_weights=jax.device_put(np.full(w.shape, np.nan, np.float32), w.sharding))
             yield batch
 
     run.batches = poisoned()
