@@ -10,6 +10,7 @@ import jax
 
 from maxlm.config import Config
 from maxlm.mesh import mesh_context
+from maxlm.model.layers import compute_dtype
 from maxlm.train.builder import build_run
 from maxlm.train.loop import throughput
 
@@ -55,4 +56,5 @@ def bench(cfg: Config, steps: int, warmup: int = 2) -> dict[str, Any]:
             "peak_bytes_source": source, "flops_per_token": run.flops_per_token,
             "tokens_per_step": cfg.tokens_per_step, "devices": jax.device_count(),
             "device_kind": jax.devices()[0].device_kind, "mesh": dict(run.mesh.shape), "steps": steps,
+            "compute_dtype": str(compute_dtype(cfg.model)),
             "final_loss": float(m["loss"])}

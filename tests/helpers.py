@@ -7,8 +7,14 @@ import numpy as np
 from maxlm.config import Config, load_config, resolve_config_path
 
 
+# Tests that compare across meshes, implementations or against Hugging Face compute in float32: `model.dtype: auto`
+# is bfloat16 on some CPUs (maxlm.model.precision), whose rounding would swamp their tolerances.
+F32 = "model.dtype=float32"
+
+
 def tiny_config(*overrides: str) -> Config:
-    return load_config(resolve_config_path("tiny"), list(overrides))
+    """The `tiny` preset in float32 (an override may still set model.dtype)."""
+    return load_config(resolve_config_path("tiny"), [F32, *overrides])
 
 
 def random_batch(rows: int, seq_len: int, vocab: int, seed: int = 0, docs_per_row: int = 1) -> dict[str, np.ndarray]:

@@ -4,6 +4,7 @@ GQA, tied and untied, several RoPE thetas, scanned and unscanned; maxlm -> HF ->
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -72,8 +73,9 @@ def maxlm_logits(step_dir: str, ids: np.ndarray) -> np.ndarray:
 
 
 def apply(model_cfg, params, ids: np.ndarray) -> np.ndarray:
-    """maxlm's logits, jitted (one compile instead of one per operation)."""
-    return np.asarray(jax.jit(lambda p, x: Decoder(model_cfg).apply({"params": p}, x))(params, jnp.asarray(ids)))
+    """maxlm's logits in float32 (compared with transformers' float32), jitted (one compile, not one per op)."""
+    f32 = dataclasses.replace(model_cfg, dtype="float32")
+    return np.asarray(jax.jit(lambda p, x: Decoder(f32).apply({"params": p}, x))(params, jnp.asarray(ids)))
 
 
 IDS = np.random.RandomState(0).randint(0, 96, size=(2, 24))

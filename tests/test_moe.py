@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import random_batch
+from helpers import F32, random_batch
 from maxlm.config import ConfigError, ModelConfig, config_dir, load_config, resolve_config_path, validate
 from maxlm.flops import attention_params, count_params, flops_per_token
 from maxlm.mesh import build_mesh, logical_rules, mesh_context
@@ -230,7 +230,7 @@ def test_expert_parallel_layer_matches_unsharded(variant: dict) -> None:
 def _train_losses(overrides: list[str], steps: int = 5) -> tuple[np.ndarray, dict]:
     """Losses of `steps` train steps of tiny-moe (and the last step's metrics), from weights drawn on the host so
     that every mesh starts equal and only the step is compiled."""
-    cfg = load_config(resolve_config_path("tiny-moe"), overrides)
+    cfg = load_config(resolve_config_path("tiny-moe"), [F32, *overrides])
     core = build_core(cfg)
     params = jax.device_put(_model_params(cfg.model), core.layout.shardings.params)
     state = init_state_from_params(params, core.tx, core.layout, core.mesh, core.rules)

@@ -80,7 +80,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
-    dtype: str = "auto"  # compute dtype; auto: bfloat16 on accelerators, float32 on CPU
+    dtype: str = "auto"  # compute dtype; auto: bf16 where bf16 matmuls are native, else f32 (model/precision.py)
     param_dtype: str = "float32"
     attention: str = "auto"  # auto | xla | cudnn
     scan_layers: bool = True

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from maxlm.config import ModelConfig
+from maxlm.model.precision import resolve_dtype
 
 Names = tuple[str | None, ...]
 Initializer = Callable[..., jax.Array]
@@ -42,20 +43,41 @@ def constrain(x: jax.Array, names: Names) -> jax.Array:
     return nn.with_logical_constraint(x, names)
 
 
+@jax.custom_vjp
+def grad_barrier(x: jax.Array) -> jax.Array:
+    """Identity whose cotangent passes through `jax.lax.optimization_barrier`.
+
+    Why: in float32, XLA:CPU (jax 0.12) fused the SwiGLU backward's silu-gradient arithmetic into the transposing
+    copy that feeds the gate/up weight-gradient dot, which then read the saved activations in strided order (about
+    a quarter of the step's compute). Materialising d(gate) and d(up) first leaves that copy a plain one.
+    """
+    return x
+
+
+def _grad_barrier_fwd(x: jax.Array) -> tuple[jax.Array, None]:
+    return x, None
+
+
+def _grad_barrier_bwd(_: None, g: jax.Array) -> tuple[jax.Array]:
+    return (jax.lax.optimization_barrier(g),)
+
+
+grad_barrier.defvjp(_grad_barrier_fwd, _grad_barrier_bwd)
+
+
 def swiglu(module: nn.Module, x_BTD: jax.Array, D: int, F: int, names: tuple[str, str, str]) -> jax.Array:
     """down(silu(x W_gate) * (x W_up)) with weights named `names` (the dense MLP, MoE shared experts)."""
     gate, up, down = names
-    gate_BTF = project(module, gate, x_BTD, "btd,df->btf", (D, F), ("embed", "mlp"))
-    up_BTF = project(module, up, x_BTD, "btd,df->btf", (D, F), ("embed", "mlp"))
+    gate_BTF = grad_barrier(project(module, gate, x_BTD, "btd,df->btf", (D, F), ("embed", "mlp")))
+    up_BTF = grad_barrier(project(module, up, x_BTD, "btd,df->btf", (D, F), ("embed", "mlp")))
     h_BTF = constrain(jax.nn.silu(gate_BTF) * up_BTF, ("act_batch", "act_length", "act_mlp"))
     return project(module, down, h_BTF, "btf,fd->btd", (F, D), ("mlp", "embed"))
 
 
 def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
-    """`auto` is bfloat16 on accelerators and float32 on CPU (CPU bf16 matmuls are slow and only emulated)."""
-    if cfg.dtype == "auto":
-        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-    return jnp.dtype(cfg.dtype)
+    """The matmul dtype: `model.dtype`, where `auto` is bfloat16 on backends with native bf16 matmuls and float32
+    elsewhere (maxlm.model.precision says which)."""
+    return resolve_dtype(cfg.dtype)
 
 
 class RMSNorm(nn.Module):

@@ -36,7 +36,7 @@ __all__ = ["NonFiniteError", "TrainingError", "describe", "train"]
 
 
 class NonFiniteError(TrainingError):
-    """`train.max_nonfinite_steps` consecutive steps had a NaN/Inf loss, gradient or update."""
+    """`train.max_nonfinite_steps` consecutive steps had a NaN/Inf loss or gradient norm."""
 
 
 def throughput(run: Run, step_s: float) -> dict[str, float | None]:
@@ -148,7 +148,7 @@ def _loop(cfg: Config, run: Run, preemption: Preemption, progress: bool) -> dict
                 ckpt.wait()
             last = f"; the last checkpoint is step {max(ckpt.steps())} in {ckpt.directory}" if ckpt and ckpt.steps() \
                 else ""
-            raise NonFiniteError(f"{n} consecutive non-finite steps (NaN/Inf loss, gradient or update) up to step "
+            raise NonFiniteError(f"{n} consecutive non-finite steps (NaN/Inf loss or gradient norm) up to step "
                                  f"{step}; they were skipped, not applied{last}; lower optim.lr, raise "
                                  "train.max_nonfinite_steps or check the data, then rerun to resume")
         return n
@@ -171,6 +171,9 @@ def _loop(cfg: Config, run: Run, preemption: Preemption, progress: bool) -> dict
                 check_streak(previous[0], previous[1]["nonfinite_run"])
             previous = (done, metrics)
             if done % cfg.train.log_every == 0 or done == cfg.train.steps or done == start + 1:
+                param_norm = getattr(run.step_fn, "param_norm", None)  # not in the step: see step.py
+                if param_norm is not None:
+                    metrics = metrics | {"param_norm": param_norm(state.params)}
                 metrics = jax.device_get(metrics)  # the only full host sync: once per logged step
                 now = time.perf_counter()
                 step_s = (now - t_last) / (done - s_last)

@@ -36,17 +36,23 @@ def sum_aux_losses(aux: Any) -> jax.Array:
 def weighted_token_ce(logits_BTV: jax.Array, targets_BT: jax.Array, weights_BT: jax.Array,
                       z_loss_coef: float = 0.0) -> tuple[jax.Array, Metrics]:
     """Mean next-token cross-entropy over weighted tokens, plus the PaLM z-loss coef * log(Z)^2 (Chowdhery et al.
-    2022, sec. 5), which keeps the softmax normaliser near 1 for bf16 stability."""
+    2022, sec. 5), which keeps the softmax normaliser near 1 for bf16 stability.
+
+    `accuracy` is the weighted fraction of tokens whose target logit equals the row's max logit (ties count as
+    correct, where an argmax would pick one of them). It reuses the max that log(Z) needs anyway, so on
+    vocab-sharded logits it costs no collective of its own (an argmax all-gathers value/index pairs)."""
     logits_BTV = logits_BTV.astype(jnp.float32)
     weights_BT = weights_BT.astype(jnp.float32)
-    log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+    max_BT = jnp.max(logits_BTV, axis=-1)
+    shift_BT = jax.lax.stop_gradient(max_BT)  # log-sum-exp as in jax.nn.logsumexp: exact gradient, no overflow
+    log_z_BT = shift_BT + jnp.log(jnp.sum(jnp.exp(logits_BTV - shift_BT[..., None]), axis=-1))
     target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
     ce_BT = log_z_BT - target_logit_BT
     total = jnp.sum(weights_BT)
     denom = jnp.maximum(total, 1.0)
     ce = jnp.sum(ce_BT * weights_BT) / denom
     z = jnp.sum(jnp.square(log_z_BT) * weights_BT) / denom
-    correct = jnp.sum((jnp.argmax(logits_BTV, -1) == targets_BT) * weights_BT) / denom
+    correct = jnp.sum((target_logit_BT >= shift_BT) * weights_BT) / denom
     loss = ce + z_loss_coef * z
     return loss, {"ce": ce, "z_loss": z, "accuracy": correct, "weight": total}
 

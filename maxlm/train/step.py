@@ -6,11 +6,21 @@ contiguous blocks would put a whole microbatch on a fraction of the devices). Ea
 weighted units and reports their count as metrics["weight"]; the step combines microbatches as
 sum_i w_i * loss_i / sum_i w_i (and the same for gradients), which equals the loss of the whole batch at once.
 
-Non-finite guard: a step whose loss, gradient norm or update norm is NaN/Inf keeps the parameters and optimizer state
-exactly as they were (a select over the tree, decided on device: no host round-trip), and the step counts it in
-`state.nonfinite_run` (the current streak, which the loop compares with `train.max_nonfinite_steps`) and
-`state.nonfinite_total`. The step counter still advances, because the batch was consumed: a resumed run then
-reads the same data as an uninterrupted one.
+Non-finite guard: a step whose loss or gradient norm is NaN/Inf keeps the parameters and optimizer state exactly as
+they were, and the step counts it in `state.nonfinite_run` (the current streak, which the loop compares with
+`train.max_nonfinite_steps`) and `state.nonfinite_total`. The step counter still advances, because the batch was
+consumed: a resumed run then reads the same data as an uninterrupted one. A finite loss and a finite gradient norm are enough: the gradient is
+then finite leaf by leaf (its squares sum to a finite number), clipping scales it by a finite factor, and AdamW of a
+finite gradient and finite moments is finite (no separate update-norm reduction, which cost one more all-reduce).
+The decision is one scalar, computed once and materialised behind an optimization barrier so XLA does not re-derive
+it inside every parameter's select fusion (jax 0.12 on the 2-layer CPU benchmark: 80 is-finite ops without the
+barrier, 2 with it; jax 0.10.2 expands the barrier early and still copies the two scalar tests into each fusion),
+then applied by one select per leaf, fused into that leaf's optimizer update (in place on the donated state; no
+host round-trip).
+
+Per-step metrics avoid collectives of their own: `accuracy` reuses the softmax's max (losses.py), and `param_norm`,
+a reduction over every sharded parameter, is not part of the step: `run.param_norm(params)` is a separate small
+program (compiled once) that the loop calls on logged steps only.
 """
 
 from __future__ import annotations
@@ -78,6 +88,14 @@ def grads_and_metrics(loss_fn: LossFn, params: Any, batch: Batch, rng: jax.Array
     return grads, metrics | {"weight": total}
 
 
+def step_is_finite(loss: jax.Array, grad_norm: jax.Array) -> jax.Array:
+    """The guard's one scalar decision: a finite loss and gradient norm (see the module docstring for why that is
+    enough). The optimization barrier makes it a materialised scalar that every select reads, instead of a
+    computation XLA duplicates into each select fusion."""
+    (finite,) = jax.lax.optimization_barrier((jnp.isfinite(loss) & jnp.isfinite(grad_norm),))
+    return finite
+
+
 def keep_if_finite(finite: jax.Array, new: Any, old: Any) -> Any:
     """`new` where the step was finite, else `old`, leaf by leaf (an elementwise select that XLA fuses and, with the
     donated state, performs in place)."""
@@ -100,13 +118,13 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule:
         if param_hook is not None:
             params = param_hook(state.params, params, stats)
         grad_norm = optax.tree.norm(grads)
-        finite = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates)))
+        finite = step_is_finite(metrics["loss"], grad_norm)
         params, opt_state = keep_if_finite(finite, (params, opt_state), (state.params, state.opt_state))
         skipped = 1 - finite.astype(jnp.int32)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                                   nonfinite_run=(state.nonfinite_run + 1) * skipped,
                                   nonfinite_total=state.nonfinite_total + skipped)
-        metrics = metrics | {"grad_norm": grad_norm, "lr": schedule(state.step), "param_norm": optax.tree.norm(params),
+        metrics = metrics | {"grad_norm": grad_norm, "lr": schedule(state.step),
                              "nonfinite_run": new_state.nonfinite_run, "nonfinite_steps": new_state.nonfinite_total}
         return new_state, metrics
 
@@ -117,5 +135,9 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule:
         with mesh_context(mesh, rules):
             return jitted(state, batch, rng)
 
+    param_norm = jax.jit(optax.tree.norm, in_shardings=(state_shardings.params,), out_shardings=replicated(mesh))
+
     run.jitted = jitted  # type: ignore[attr-defined]
+    # Global L2 norm of the parameters, for logged steps only (the loop calls it; one small compile per run).
+    run.param_norm = param_norm  # type: ignore[attr-defined]
     return run
