@@ -1,4 +1,5 @@
-"""The Makefile's interpreter choice: the newest Python >= 3.12 that runs, else python3; PYTHON= overrides."""
+"""The Makefile's interpreter choice: python3 by default; `PYTHON=newest` picks the newest Python >= 3.12 that runs,
+else python3; any other PYTHON= is used as given."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ def _fake(path: Path, works: bool) -> None:
 
 def _chosen(bin_dir: Path, pyenv_root: Path, *args: str, **env: str) -> str:
     base = {"PATH": f"{bin_dir}:/usr/bin:/bin", "PYENV_ROOT": str(pyenv_root), "HOME": str(pyenv_root)}
+    args = args or ("PYTHON=newest",)
     out = subprocess.run(["make", "-s", "-f", str(ROOT / "Makefile"), "python", *args], capture_output=True,
                          text=True, env=base | env, cwd=ROOT, check=True)
     return out.stdout.strip()
@@ -37,4 +39,5 @@ def test_newest_working_python_at_least_312(tmp_path: Path) -> None:
         _fake(pyenv / "versions" / patch / "bin" / "python3.13", works=True)
     assert _chosen(bin_dir, pyenv) == f"{pyenv}/versions/3.13.10/bin/python3.13"
     assert _chosen(bin_dir, pyenv, "PYTHON=python3.11") == "python3.11"
-    assert _chosen(bin_dir, pyenv, PYTHON="/opt/py/bin/python3") == "/opt/py/bin/python3"
+    assert _chosen(bin_dir, pyenv, "PYTHON=/opt/py/bin/python3") == "/opt/py/bin/python3"
+    assert _chosen(bin_dir, pyenv, "-e") == "python3"  # the default: the verified python3 stack
