@@ -55,9 +55,9 @@ CONVERSATIONS = [
 ]
 
 
-def make_hf_tokenizer(path: Path, vocab_size: int = 320) -> Path:
+def make_hf_tokenizer(path: Path, vocab_size: int = 320, chat_template: str = LLAMA3_LIKE) -> Path:
     """A byte-level BPE tokenizer directory (bos added by its post-processor, like Llama's) whose own template is
-    LLAMA3_LIKE; eos_token is </s>."""
+    `chat_template`; eos_token is </s>."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -68,7 +68,7 @@ def make_hf_tokenizer(path: Path, vocab_size: int = 320) -> Path:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(CORPUS * 4, trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=LLAMA3_LIKE, bos_token="<s>",
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=chat_template, bos_token="<s>",
                                    eos_token="</s>", pad_token="<pad>")
     fast.save_pretrained(str(path))
     return path

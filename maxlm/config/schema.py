@@ -43,7 +43,7 @@ MESH_AXES = ("data", "fsdp", "tensor", "expert")
 # Names of the pluggable pieces; the registries beside the code (maxlm.model.ffn.FFN_BLOCKS,
 # maxlm.train.objectives.OBJECTIVES, maxlm.model.remat.REMAT_POLICIES) must hold exactly these keys.
 FFN_NAMES = ("mlp", "moe")
-OBJECTIVE_NAMES = ("pretrain",)
+OBJECTIVE_NAMES = ("pretrain", "sft")
 REMAT_NAMES = ("none", "full", "dots", "dots_no_batch")
 
 
