@@ -16,7 +16,8 @@ import random
 import textwrap
 from collections.abc import Iterator
 
-from maxlm.config import expand_globs
+from maxlm.config import Config, expand_globs, load_config, resolve_config_path
+from maxlm.data.chat_template import CHATML_END_OF_TURN
 
 log = logging.getLogger(__name__)
 
@@ -75,3 +76,40 @@ def write_stdlib_pairs(glob: str, out: str, max_pairs: int = 4000, seed: int = 0
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     os.replace(tmp, out)
     return min(len(rows), max_pairs)
+
+
+def run_sft_stage(pre: Config, tok_path: str, overrides: list[str], progress: bool = True) -> int:
+    """[4/4] of `maxlm demo`: SFT of the pretrained run `pre` on stdlib pairs, printing the loss on the trained
+    (assistant) tokens as it falls and the model's answer to one held-out instruction."""
+    from maxlm.data.chat_template import resolve_chat_template
+    from maxlm.data.sft_pipeline import is_held_out
+    from maxlm.data.tokenizer import load_tokenizer
+    from maxlm.generate import generate
+    from maxlm.train.loop import train
+
+    pairs = os.path.join(pre.run_dir, "sft_pairs.jsonl")
+    if not os.path.isfile(pairs):
+        n = write_stdlib_pairs(pre.data.path, pairs)
+        print(f"[4/4] wrote {n} instruction pairs (signature + docstring -> body) from the stdlib to {pairs}")
+    cfg = load_config(resolve_config_path("stdlib_sft"), [
+        f"data.path={pairs}", f"data.tokenizer={tok_path}",
+        f"load_parameters_from={pre.checkpoint.dir or os.path.join(pre.run_dir, 'checkpoints')}"]
+        + overrides + [f"run_dir={os.path.join(pre.run_dir, 'sft')}"])
+    print(f"[4/4] supervised fine-tuning for {cfg.train.steps} steps, loss on the assistant turns only "
+          f"(run_dir={cfg.run_dir})")
+    summary = train(cfg, progress=progress)
+    print("response loss by step: " + ", ".join(f"{step}: {loss:.3f}" for step, loss in summary["losses"]))
+    tok = load_tokenizer(tok_path)
+    template = resolve_chat_template(cfg.data.chat_template, tok)
+    with open(pairs, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    held = next((r for r in rows if is_held_out(r, cfg.data.eval_fraction)), rows[-1])
+    question = held["messages"][:1]
+    ids, _ = tok.encode_with_offsets(template.render(question, add_generation_prompt=True))
+    run = summary["run"]
+    out = generate(run.model, run.state.params, ids, 64, mesh=run.mesh, rules=run.rules,
+                   eos_id=tok.token_id(CHATML_END_OF_TURN))
+    print("held-out instruction:\n" + question[0]["content"])
+    print("model's answer:\n" + tok.decode([i for i in out if i != tok.token_id(CHATML_END_OF_TURN)]))
+    print("reference body:\n" + held["messages"][1]["content"])
+    return 0

@@ -128,3 +128,42 @@ def test_microbatches_and_mesh_layouts_give_the_same_loss(hf_model: tuple) -> No
         loss, other, _ = first_step(sft_config(hf_dir, data, "data.packing=best_fit", *overrides))
         np.testing.assert_array_equal(other["inputs"], batch["inputs"])
         assert abs(loss - base) < 2e-5, overrides
+
+
+def _cli_overrides(hf_dir: Path, data: Path, run_dir: Path, *extra: str) -> list[str]:
+    hf = model_config_from_hf(json.loads((hf_dir / "config.json").read_text()))
+    return ["tiny"] + [f"model.{k}={getattr(hf, k)}" for k in ("vocab_size", "d_model", "n_layers", "n_heads",
+                                                              "n_kv_heads", "ffn_dim", "rope_theta", "norm_eps",
+                                                              "tie_embeddings")] + [
+        f"load_parameters_from={hf_dir}", "train.objective=sft", "data.source=jsonl", f"data.path={data}",
+        f"data.tokenizer={hf_dir}", "data.example_format=messages", f"data.seq_len={SEQ}",
+        "train.global_batch_size=8", f"run_dir={run_dir}", "--no-progress", *extra]
+
+
+def test_maxlm_train_sft_end_to_end_and_bad_input(hf_model: tuple, tmp_path: Path, capsys) -> None:
+    from maxlm.cli import main
+
+    hf_dir, _, data = hf_model
+    args = _cli_overrides(hf_dir, data, tmp_path / "run", "train.steps=8", "train.log_every=1", "optim.lr=0.01",
+                          "optim.warmup_steps=1", "data.eval_fraction=0.25", "train.eval_every=8",
+                          "train.eval_steps=1", "data.packing=best_fit")
+    assert main(["train", *args]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"] - 0.5
+    assert all(r["trained_tokens"] > 0 and 0.5 < r["data_fill_rate"] <= 1 for r in train_rows)
+    assert any("eval_loss" in r for r in rows)
+    capsys.readouterr()
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", _rows()[:4] + [{"messages": [{"role": "bot", "content": "x"}]}] * 4)
+    assert main(["train", *_cli_overrides(hf_dir, bad, tmp_path / "bad", "train.steps=1")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "data.max_bad_fraction=0.1" in err and "\n" not in err.split("maxlm: error:")[-1]
+
+    tpl = tmp_path / "no_assistant.jinja"
+    tpl.write_text("{% for m in messages %}{% if m['role'] != 'assistant' %}{{ m['content'] }}{% endif %}"
+                   "{% endfor %}")
+    assert main(["train", *_cli_overrides(hf_dir, data, tmp_path / "tpl", "train.steps=1",
+                                          f"data.chat_template={tpl}")]) == 2
+    err = capsys.readouterr().err
+    assert f"maxlm: error: data.chat_template: {tpl} yields no assistant span" in err

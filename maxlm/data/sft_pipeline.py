@@ -35,6 +35,16 @@ EVENTS = ("bad", "dropped", "truncated")  # counters an SFT stream reports (see 
 EVENT_KEYS = tuple(f"event_{e}" for e in EVENTS)
 
 
+def row_hash(record: Any) -> int:
+    """The content hash that places a row in the held-out split (data.eval_fraction), as documents are placed."""
+    return document_hash(json.dumps(record, sort_keys=True, ensure_ascii=False, default=str))
+
+
+def is_held_out(record: Any, eval_fraction: float) -> bool:
+    """Whether a row belongs to the eval split of data.eval_fraction."""
+    return eval_fraction > 0 and row_hash(record) < eval_threshold(eval_fraction)
+
+
 class Rows:
     """A record source as (record or None, "file:line") pairs, so a bad row's warning names where it is."""
 
@@ -78,8 +88,7 @@ class SftEncoder:
     def in_split(self, record: Any) -> bool:
         if not (self.threshold or self.want_eval):
             return True
-        key = json.dumps(record, sort_keys=True, ensure_ascii=False, default=str)
-        return (document_hash(key) < self.threshold) == self.want_eval
+        return (row_hash(record) < self.threshold) == self.want_eval
 
     def encode(self, record: Any, where: str) -> EncodeResult:
         """Parses, renders, tokenizes and fits one row; NoAssistantSpan propagates (the caller decides whether
