@@ -18,7 +18,8 @@ import pytest
 from helpers import tiny_config
 from maxlm.config import Config
 from maxlm.convert.hf import model_config_from_hf
-from maxlm.mesh import make_global_batch
+from maxlm.train.batch import global_batch
+from maxlm.train.builder import build_run
 from tests.sft_helpers import make_hf_tokenizer, write_jsonl
 
 torch = pytest.importorskip("torch")
@@ -112,13 +113,10 @@ def first_step(cfg: Config) -> tuple[float, dict[str, np.ndarray], dict]:
 
 
 def _first_step(cfg: Config) -> tuple[float, dict[str, np.ndarray], dict]:
-    from maxlm.train.loop import build_run
-
-    from maxlm.mesh import batch_sharding
-
     run = build_run(cfg)
     local = next(run.data_iter)
-    _, metrics = run.step_fn(run.state, make_global_batch(local, batch_sharding(run.mesh, run.rules)), run.rng)
+    batch = global_batch(run.core.objective.batch_type, local, run.core.batch_shardings)
+    _, metrics = run.step_fn(run.state, batch, run.rng)
     return float(metrics["loss"]), local, jax.device_get(metrics)
 
 

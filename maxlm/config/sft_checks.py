@@ -24,7 +24,7 @@ def _choice(value: str, options: tuple[str, ...], key: str, hint: str = "") -> N
 
 
 def check_sft(cfg: Config, comps: list) -> None:
-    """`comps` are the mixture components (maxlm.data.spec.MixtureComponent) with their own example formats."""
+    """`comps` are the mixture components (maxlm.config.data_spec.MixtureComponent) with their own example formats."""
     d = cfg.data
     _choice(d.example_format, EXAMPLE_FORMATS, "data.example_format")
     _choice(d.loss_on, LOSS_ON, "data.loss_on")

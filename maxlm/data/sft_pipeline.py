@@ -27,7 +27,8 @@ from maxlm.config import ConfigError, DataConfig
 from maxlm.data.chat_template import ChatTemplate
 from maxlm.data.clean import document_hash, eval_threshold
 from maxlm.data.sft import BadRow, Encoded, Fields, NoAssistantSpan, encode_example, fit_to_length, parse_row
-from maxlm.data.sources import _WarnOnce
+from maxlm.data.items import WarnOnce, list_files
+from maxlm.data.sources import open_source
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ class SftEncoder:
         self.truncation = data.truncation
         self.want_eval = split == "eval"
         self.threshold = eval_threshold(data.eval_fraction) if data.eval_fraction > 0 else 0
-        self._warn = _WarnOnce("bad SFT rows")
+        self._warn = WarnOnce("bad SFT rows")
 
     def in_split(self, record: Any) -> bool:
         if not (self.threshold or self.want_eval):
@@ -130,7 +131,7 @@ class SftEncoder:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._warn = _WarnOnce("bad SFT rows")
+        self._warn = WarnOnce("bad SFT rows")
 
 
 class _CarryEvents(grain.IterDataset):
@@ -246,8 +247,6 @@ def open_sft_rows(comp: Any, data: DataConfig, tokenizer: Any, template: ChatTem
                   shard_index: int, shard_count: int, sample: int) -> tuple[grain.MapDataset, SftEncoder] | None:
     """The rows of one SFT mixture component for this host and its encoder, checked on a sample; None (with a
     warning) for a mixture source without rows, ConfigError when the only source has none."""
-    from maxlm.data.sources import list_files, open_source
-
     key = f"data.mixture ({comp.name}).path" if data.mixture else "data.path"
     try:
         files = list_files(comp.path, comp.max_files, key)
