@@ -246,3 +246,14 @@ def test_mixture_of_formats_and_resume(tmp_path: Path, hf_dir: Path) -> None:
             np.testing.assert_array_equal(a[k], b[k])
     stats = it.stats()
     assert all(stats[f"data_mix_{n}"] > 0.1 for n in ("chat", "pc", "alpaca"))
+
+
+def test_packing_none_gives_one_document_chunk_per_row() -> None:
+    data = DataConfig(source="synthetic", seq_len=32, packing="none")
+    batches, stats = _batches(data, 3, batch_size=4)
+    for b in batches:
+        seg = b["inputs_segment_ids"]
+        assert set(np.unique(seg)) <= {0, 1} and (seg[:, 0] == 1).all()
+        assert (b["targets_weights"] == (seg > 0)).all()
+        assert (b["inputs_positions"][seg > 0] == np.nonzero(seg > 0)[1]).all()
+    assert stats["data_fill_rate"] < 1.0

@@ -225,11 +225,10 @@ def check_sft_rows(docs: Any, encoder: SftEncoder, where: str, max_bad_fraction:
             except NoAssistantSpan:
                 counts["no_span"] += 1
                 continue
-            counts["ok" if result.example is not None else result.event or "ok"] += 1
+            counts["ok" if result.example is not None else str(result.event)] += 1
     finally:
         encoder.want_eval, encoder.threshold = split
-    assert encoder.template is not None or not counts["no_span"]
-    if counts["no_span"] and not counts["ok"]:
+    if counts["no_span"] and not counts["ok"] and encoder.template is not None:
         raise ConfigError(f"data.chat_template: {encoder.template.name} yields no assistant span (an assistant "
                           "message renders as no text); pick another template")
     bad = counts["bad"] + counts["no_span"]
@@ -269,7 +268,7 @@ def open_sft_rows(comp: Any, data: DataConfig, tokenizer: Any, template: ChatTem
     encoder = SftEncoder(tokenizer, template if comp.example_format in ("messages", "prompt_completion") else None,
                          comp.example_format, fields, data, split)
     check_sft_rows(rows, encoder, key, data.max_bad_fraction, sample)
-    if split == "eval" and not any(encoder.in_split(rows[i][0]) for i in range(len(rows)) if rows[i][0] is not None):
+    if split == "eval" and not any(r is not None and encoder.in_split(r) for r, _ in (rows[i] for i in range(len(rows)))):
         raise ConfigError(f"data.eval_fraction={data.eval_fraction} leaves no held-out rows of {comp.name!r}; raise "
                           "data.eval_fraction or add rows")
     log.info("data: %s (%s %s) %d of %d rows for shard %d/%d", comp.name, comp.format, comp.example_format,
