@@ -143,8 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--out", required=True, help="output .model path")
     tt.set_defaults(fn=cmd_tokenizer)
 
-    demo = sub.add_parser("demo", help="the `make run` job: tokenizer + pretraining on the Python stdlib, then "
-                                       "a greedy continuation")
+    demo = sub.add_parser("demo", help="the `make run` job: tokenizer + pretraining on the Python stdlib, a "
+                                       "greedy continuation, then SFT on stdlib instruction pairs")
     demo.add_argument("overrides", nargs="*")
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(fn=cmd_demo)

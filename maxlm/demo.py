@@ -1,7 +1,8 @@
 """The `make run` job: a real corpus with no download.
 
 Trains a BPE tokenizer on this interpreter's standard library source, pretrains the `demo` model on it over an
-8-device CPU mesh, prints the first and last loss, and greedily continues a Python prompt.
+8-device CPU mesh, prints the first and last loss, greedily continues a Python prompt, then fine-tunes the model on
+instruction pairs derived from the same library (maxlm.demo_sft) and answers a held-out instruction.
 """
 
 from __future__ import annotations
@@ -28,13 +29,13 @@ def run_demo(overrides: list[str], progress: bool = True) -> int:
                                                              "data.source=synthetic"] + overrides)
     tok_path = os.path.join(cfg.run_dir, "tokenizer.model")
     if not os.path.isfile(tok_path):
-        print(f"[1/3] training a {cfg.model.vocab_size}-token BPE tokenizer on {cfg.data.path}")
+        print(f"[1/4] training a {cfg.model.vocab_size}-token BPE tokenizer on {cfg.data.path}")
         train_tokenizer(cfg.data.path, cfg.model.vocab_size, tok_path)
     else:
-        print(f"[1/3] reusing tokenizer {tok_path}")
+        print(f"[1/4] reusing tokenizer {tok_path}")
     cfg = load_config(resolve_config_path("stdlib_demo"), ["data.path=" + stdlib_glob(), f"data.tokenizer={tok_path}",
                                                              f"run_dir={cfg.run_dir}"] + overrides)
-    print(f"[2/3] pretraining the demo model for {cfg.train.steps} steps (run_dir={cfg.run_dir})")
+    print(f"[2/4] pretraining the demo model for {cfg.train.steps} steps (run_dir={cfg.run_dir})")
     summary = train(cfg, progress=progress)
     print(f"first loss {summary['first_loss']:.4f} -> last loss {summary['last_loss']:.4f}")
     run = summary["run"]
@@ -43,6 +44,8 @@ def run_demo(overrides: list[str], progress: bool = True) -> int:
     if cfg.data.add_bos:
         ids = [tok.bos_id] + ids
     out = generate(run.model, run.state.params, ids, 48, mesh=run.mesh, rules=run.rules, eos_id=tok.eos_id)
-    print("[3/3] greedy continuation:")
+    print("[3/4] greedy continuation:")
     print(PROMPT + tok.decode(out))
-    return 0
+    from maxlm.demo_sft import run_sft_stage
+
+    return run_sft_stage(cfg, tok_path, overrides, progress)

@@ -18,10 +18,11 @@ from typing import Any
 
 from maxlm.config.paths import expand_globs
 from maxlm.config.schema import Config, ConfigError, DataConfig
+from maxlm.config.sft_checks import check_sft
 
 FORMATS = ("text", "jsonl", "parquet", "arrayrecord", "synthetic")
 TEXT_SPLITS = ("file", "blank_line")
-PACKINGS = ("first_fit", "best_fit")
+PACKINGS = ("first_fit", "best_fit", "none")
 # A component's format when it is not given: from the extension of its first glob.
 EXTENSION_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet",
                      ".arrayrecord": "arrayrecord", ".array_record": "arrayrecord"}
@@ -41,6 +42,10 @@ class MixtureComponent:
     text_split: str = "file"
     stage_weights: tuple[float, ...] = ()
     max_files: int = 0
+    example_format: str = "text"  # text (documents) | prompt_completion | messages | alpaca (SFT rows)
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    messages_field: str = "messages"
 
     def weight_at(self, stage: int) -> float:
         """The component's weight in stage `stage` (0 = before the first of data.stage_starts)."""
@@ -55,12 +60,14 @@ class MixtureComponent:
     def spec(self) -> dict[str, Any]:
         """What decides the cached tokens of this component (not its weights): compared against a cache."""
         return {"name": self.name, "format": self.format, "path": self.path, "text_field": self.text_field,
-                "text_split": self.text_split, "max_files": self.max_files}
+                "text_split": self.text_split, "max_files": self.max_files, "example_format": self.example_format}
 
 
 # Keys a mixture entry may have, with the DataConfig field that gives the default (None: no default).
 _ENTRY_KEYS = {"name": None, "path": None, "format": None, "weight": None, "text_field": "text_field",
-               "text_split": "text_split", "stage_weights": None, "max_files": "max_files"}
+               "text_split": "text_split", "stage_weights": None, "max_files": "max_files",
+               "example_format": "example_format", "prompt_field": "prompt_field",
+               "completion_field": "completion_field", "messages_field": "messages_field"}
 
 
 def _infer_format(path: str) -> str:
@@ -114,8 +121,13 @@ def _parse_entry(i: int, entry: Any, data: DataConfig) -> MixtureComponent:
         raise ConfigError(f"{where}.text_split={text_split!r} is not one of {', '.join(TEXT_SPLITS)}")
     if isinstance(max_files, bool) or not isinstance(max_files, int) or max_files < 0:
         raise ConfigError(f"{where}.max_files: expected an integer >= 0, got {max_files!r}")
+    sft = {k: entry.get(k, getattr(data, k)) for k in ("example_format", "prompt_field", "completion_field",
+                                                        "messages_field")}
+    for k, v in sft.items():
+        if not isinstance(v, str) or not v:
+            raise ConfigError(f"{where}.{k}: expected a name, got {v!r}")
     return MixtureComponent(name=name, format=fmt, path=path, weight=weight, text_field=text_field,
-                            text_split=text_split, stage_weights=stage_weights, max_files=max_files)
+                            text_split=text_split, stage_weights=stage_weights, max_files=max_files, **sft)
 
 
 def components(data: DataConfig) -> list[MixtureComponent]:
@@ -124,7 +136,9 @@ def components(data: DataConfig) -> list[MixtureComponent]:
         raise ConfigError(f"data.mixture: expected a list of sources, got {data.mixture!r}")
     if not data.mixture:
         return [MixtureComponent(name=data.source, format=data.source, path=data.path, text_field=data.text_field,
-                                 text_split=data.text_split, max_files=data.max_files)]
+                                 text_split=data.text_split, max_files=data.max_files,
+                                 example_format=data.example_format, prompt_field=data.prompt_field,
+                                 completion_field=data.completion_field, messages_field=data.messages_field)]
     comps = [_parse_entry(i, e, data) for i, e in enumerate(data.mixture)]
     seen: set[str] = set()
     for c in comps:
@@ -206,14 +220,16 @@ def check_data_config(cfg: Config) -> None:
                           "(data.path is the single-source shorthand)")
     comps = components(d)
     _check_stages(d, comps)
+    check_sft(cfg, comps)
     file_comps = [c for c in comps if c.needs_files]
     if cfg.train.eval_every > 0 and file_comps and d.eval_fraction <= 0:
         raise ConfigError(f"train.eval_every={cfg.train.eval_every} needs a held-out split: set data.eval_fraction "
                           "(e.g. 0.01)")
     if not file_comps or d.cache_dir:
         return  # a cache holds its own tokenizer, and the raw files need not exist where training runs
-    if d.tokenizer and not os.path.isfile(d.tokenizer):
-        raise ConfigError(f"data.tokenizer: file not found: {d.tokenizer}")
+    if d.tokenizer and not os.path.exists(d.tokenizer):
+        raise ConfigError(f"data.tokenizer: file not found: {d.tokenizer} (a sentencepiece .model file or a Hugging Face "
+                          "tokenizer directory)")
     for c in file_comps:
         if not c.path:
             where = "data.path" if not d.mixture else f"data.mixture ({c.name}).path"

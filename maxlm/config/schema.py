@@ -43,7 +43,7 @@ MESH_AXES = ("data", "fsdp", "tensor", "expert")
 # Names of the pluggable pieces; the registries beside the code (maxlm.model.ffn.FFN_BLOCKS,
 # maxlm.train.objectives.OBJECTIVES, maxlm.model.remat.REMAT_POLICIES) must hold exactly these keys.
 FFN_NAMES = ("mlp", "moe")
-OBJECTIVE_NAMES = ("pretrain",)
+OBJECTIVE_NAMES = ("pretrain", "sft")
 REMAT_NAMES = ("none", "full", "dots", "dots_no_batch")
 
 
@@ -157,11 +157,19 @@ class DataConfig:
     # (validated into maxlm.config.data_spec.MixtureComponent); replaces source/path when non-empty.
     mixture: list = field(default_factory=list)
     stage_starts: list = field(default_factory=list)  # fractions of train.steps where stages 1, 2, ... begin
-    tokenizer: str = ""  # sentencepiece .model path (a cache carries its own copy)
+    tokenizer: str = ""  # sentencepiece .model path or Hugging Face tokenizer directory (a cache carries its own copy)
+    # SFT rows (maxlm.data.sft): text (pretraining documents) | prompt_completion | messages | alpaca
+    example_format: str = "text"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    messages_field: str = "messages"
+    chat_template: str = "auto"  # auto (tokenizer's own, else chatml) | tokenizer | chatml | path to a .jinja file
+    loss_on: str = "assistant"  # completion | assistant | all: which tokens of an SFT example are trained
+    truncation: str = "drop"  # over-long SFT examples: drop | left (cut the prompt from the left, keep the response)
     cache_dir: str = ""  # pre-tokenized cache written by `maxlm data prepare`; when set, training reads it
     seq_len: int = 128
     shuffle_seed: int = 0
-    packing: str = "first_fit"  # first_fit | best_fit
+    packing: str = "first_fit"  # first_fit | best_fit | none (one example per row, padded)
     add_bos: bool = True
     add_eos: bool = True
     num_workers: int = 0  # grain multiprocessing prefetch workers (0: in-process)

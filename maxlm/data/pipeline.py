@@ -22,6 +22,7 @@ Stage order and why:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 from collections.abc import Sequence
@@ -39,7 +40,10 @@ from maxlm.data.items import list_files
 from maxlm.data.sources import SyntheticSource, open_source
 from maxlm.config.data_spec import MixtureComponent, components, num_stages, stage_start_steps
 from maxlm.data.stream import DataStream
-from maxlm.data.tokenizer import BOS_ID, EOS_ID, Tokenizer, load_tokenizer
+from maxlm.data.chat_template import resolve_chat_template
+from maxlm.data.hf_tokenizer import TextTokenizer, load_text_tokenizer
+from maxlm.data.sft_pipeline import SftEncoder, finalize_sft, open_sft_rows, pad_row, sft_examples, sft_features
+from maxlm.data.tokenizer import BOS_ID, EOS_ID
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +77,13 @@ class _Tokenize:
     share a document); a rejected document becomes an empty array, which yields no example.
     """
 
-    def __init__(self, tokenizer: Tokenizer | None, add_bos: bool, add_eos: bool, filters: Filters | None = None,
+    def __init__(self, tokenizer: TextTokenizer | None, add_bos: bool, add_eos: bool, filters: Filters | None = None,
                  split: str = "train", eval_fraction: float = 0.0) -> None:
         self.tokenizer = tokenizer
-        self.head = np.asarray([BOS_ID] if add_bos else [], np.int32)
-        self.tail = np.asarray([EOS_ID] if add_eos else [], np.int32)
+        bos = tokenizer.bos_id if tokenizer is not None else BOS_ID
+        eos = tokenizer.eos_id if tokenizer is not None else EOS_ID
+        self.head = np.asarray([bos] if add_bos and bos is not None else [], np.int32)
+        self.tail = np.asarray([eos] if add_eos and eos is not None else [], np.int32)
         self.filters = filters if filters is not None and filters.active else None
         self.want_eval = split == "eval"
         self.threshold = eval_threshold(eval_fraction) if eval_fraction > 0 else 0
@@ -137,7 +143,7 @@ class _Component:
     spec: MixtureComponent
     source_id: int  # 1-based position in the mixture (0 marks padding in the `sources` tag)
     docs: Any  # random-access documents of this shard (already sliced for the cache and synthetic data)
-    tokenize: _Tokenize
+    tokenize: _Tokenize | SftEncoder  # SftEncoder: rows of an SFT source (data.example_format)
     shuffle: bool
 
 
@@ -148,8 +154,8 @@ def tokenizer_path(data: DataConfig) -> str:
     return data.tokenizer
 
 
-def _load_checked_tokenizer(path: str, vocab_size: int) -> Tokenizer:
-    tokenizer = load_tokenizer(path)
+def _load_checked_tokenizer(path: str, vocab_size: int) -> TextTokenizer:
+    tokenizer = load_text_tokenizer(path)
     if tokenizer.vocab_size > vocab_size:
         raise ConfigError(f"data.tokenizer {path} has {tokenizer.vocab_size} tokens, more than "
                           f"model.vocab_size={vocab_size}; set model.vocab_size >= {tokenizer.vocab_size}")
@@ -173,6 +179,9 @@ def _resolve(data: DataConfig, vocab_size: int, seed: int, shard_index: int, sha
                                   "sentencepiece model (train one with `maxlm tokenizer train`)")
             kept = {c.name for c in file_comps}
         tokenizer = _load_checked_tokenizer(tokenizer_path(data), vocab_size)
+    template = None
+    if any(c.example_format in ("messages", "prompt_completion") for c in file_comps):
+        template = resolve_chat_template(data.chat_template, tokenizer)
     filters = Filters.from_config(data)
     out: list[_Component] = []
     ids = {c.name: i + 1 for i, c in enumerate(components(data))}  # stable ids: the mixture's order
@@ -187,6 +196,11 @@ def _resolve(data: DataConfig, vocab_size: int, seed: int, shard_index: int, sha
                 data.shuffle_seed, seed, i, salt, *shard)), tokenize, shuffle=False))
             continue
         if c.name not in kept:
+            continue
+        if c.example_format != "text":
+            opened = open_sft_rows(c, data, tokenizer, template, split, shard_index, shard_count, BAD_SAMPLE)
+            if opened is not None:
+                out.append(_Component(c, i + 1, opened[0], opened[1], shuffle=True))
             continue
         if cache is not None:
             docs = cache.documents(c.name, split, data.eval_fraction, shard_index, shard_count)
@@ -282,10 +296,11 @@ def _examples(comp: _Component, data: DataConfig, seed: int) -> grain.IterDatase
         # small corpus is shuffled as several concatenated copies: each document still appears equally often.
         copies = -(-MIN_SHUFFLE_SIZE // len(docs))
         docs = (docs.repeat(copies) if copies > 1 else docs).shuffle(seed=seed)
+    read = grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=READ_BUFFER)
+    if isinstance(comp.tokenize, SftEncoder):
+        return sft_examples(docs.repeat(), comp.tokenize, read)
     docs = docs.repeat().map(comp.tokenize)  # synthetic documents are already i.i.d. in their index: no shuffle
-    return grain.experimental.FlatMapIterDataset(
-        docs.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=READ_BUFFER)),
-        _ChunkDocument(data.seq_len))
+    return grain.experimental.FlatMapIterDataset(docs.to_iter_dataset(read), _ChunkDocument(data.seq_len))
 
 
 def _stage_dataset(comps: list[_Component], stage: int, data: DataConfig, batch_size: int, seed: int,
@@ -294,13 +309,19 @@ def _stage_dataset(comps: list[_Component], stage: int, data: DataConfig, batch_
     active = [c for c in comps if c.spec.weight_at(stage) > 0]
     parents = [_examples(c, data, mix_seed(data.shuffle_seed, seed, c.source_id, stage, salt)) for c in active]
     mixed = TokenMixIterDataset(parents, [c.spec.weight_at(stage) for c in active], [c.source_id for c in active])
-    pack_cls = {"first_fit": grain.experimental.FirstFitPackIterDataset,
-                "best_fit": grain.experimental.BestFitPackIterDataset}[data.packing]
-    packed = pack_cls(mixed, length_struct={"inputs": data.seq_len, "targets": data.seq_len, "sources": data.seq_len},
-                      num_packing_bins=max(batch_size, MIN_PACKING_BINS), seed=mix_seed(data.shuffle_seed, seed,
-                                                                                          stage, salt),
-                      shuffle_bins=True, meta_features=("sources",))
-    ds = packed.map(_finalize).batch(batch_size, drop_remainder=True)
+    sft = isinstance(active[0].tokenize, SftEncoder)
+    if sft:
+        lengths, meta = sft_features(data.seq_len)
+    else:
+        lengths, meta = {"inputs": data.seq_len, "targets": data.seq_len, "sources": data.seq_len}, ("sources",)
+    if data.packing == "none":
+        packed = mixed.map(functools.partial(pad_row, seq_len=data.seq_len))
+    else:
+        pack_cls = {"first_fit": grain.experimental.FirstFitPackIterDataset,
+                    "best_fit": grain.experimental.BestFitPackIterDataset}[data.packing]
+        packed = pack_cls(mixed, length_struct=lengths, num_packing_bins=max(batch_size, MIN_PACKING_BINS),
+                          seed=mix_seed(data.shuffle_seed, seed, stage, salt), shuffle_bins=True, meta_features=meta)
+    ds = packed.map(finalize_sft if sft else _finalize).batch(batch_size, drop_remainder=True)
     if data.num_workers > 0:
         _absl_flags_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.num_workers))
@@ -326,8 +347,8 @@ def build_dataset(data: DataConfig, *, vocab_size: int, batch_size: int, seed: i
         raise ConfigError(f"data: shard_index={shard_index} must be in [0, shard_count={shard_count})")
     if split not in SPLITS:
         raise ConfigError(f"data: split={split!r} is not one of {', '.join(SPLITS)}")
-    if data.packing not in ("first_fit", "best_fit"):
-        raise ConfigError(f"data.packing={data.packing!r} is not one of first_fit, best_fit")
+    if data.packing not in ("first_fit", "best_fit", "none"):
+        raise ConfigError(f"data.packing={data.packing!r} is not one of first_fit, best_fit, none")
     if data.stage_starts and total_steps <= 0 and split == "train":
         raise ConfigError("data.stage_starts places stages at fractions of train.steps; build_dataset needs "
                           "total_steps=train.steps")

@@ -59,7 +59,8 @@ class ParquetSource(_SegmentedSource):
 
     _CACHED_GROUPS = 2
 
-    def __init__(self, files: list[str] | list[Piece], text_field: str) -> None:
+    def __init__(self, files: list[str] | list[Piece], text_field: str | None) -> None:
+        """`text_field=None`: each document is the whole row as a dict, for SFT rows (maxlm.data.sft)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -77,9 +78,9 @@ class ParquetSource(_SegmentedSource):
                 self._warn(p.path, f"data: skipping {p.path}: not a readable Parquet file ({e})")
                 continue
             schema = meta.schema_arrow
-            if schema.get_field_index(text_field) < 0 or not (
+            if text_field is not None and (schema.get_field_index(text_field) < 0 or not (
                     pa.types.is_string(schema.field(text_field).type)
-                    or pa.types.is_large_string(schema.field(text_field).type)):
+                    or pa.types.is_large_string(schema.field(text_field).type))):
                 self._warn(p.path, f"data: skipping {p.path}: no string column {text_field!r} "
                                    f"(columns: {', '.join(schema.names)})", items=max(1, meta.metadata.num_rows))
                 continue
@@ -101,7 +102,7 @@ class ParquetSource(_SegmentedSource):
         fi, g, r = self._locate(index)
         return f"{self.files[fi]}: row group {g} row {r}"
 
-    def _column(self, fi: int, g: int) -> list[str | None]:
+    def _column(self, fi: int, g: int) -> list[Any]:
         import pyarrow.parquet as pq
 
         cache = getattr(self._local, "groups", None)
@@ -115,12 +116,17 @@ class ParquetSource(_SegmentedSource):
                 pf = self._local.files[fi] = pq.ParquetFile(self.files[fi])
             if len(cache) >= self._CACHED_GROUPS:
                 cache.pop(next(iter(cache)))
-            cache[key] = pf.read_row_group(g, columns=[self.text_field]).column(0).to_pylist()
+            if self.text_field is None:
+                cache[key] = pf.read_row_group(g).to_pylist()
+            else:
+                cache[key] = pf.read_row_group(g, columns=[self.text_field]).column(0).to_pylist()
         return cache[key]
 
-    def __getitem__(self, index: int) -> str | None:
+    def __getitem__(self, index: int) -> str | dict[str, Any] | None:
         fi, g, r = self._locate(index)
         value = self._column(fi, g)[r]
+        if self.text_field is None:
+            return value
         if not isinstance(value, str):
             where = f"{self.files[fi]}: row group {g} row {r}"
             self._warn(where, f"data: skipping {where}: {self.text_field!r} is null")

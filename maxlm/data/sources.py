@@ -194,7 +194,8 @@ class JsonlSource(_SpanSource):
     unit of shuffling and sharding: a corpus that is a single large JSONL file still spreads over all hosts.
     """
 
-    def __init__(self, files: list[str] | list[Piece], text_field: str) -> None:
+    def __init__(self, files: list[str] | list[Piece], text_field: str | None) -> None:
+        """`text_field=None`: each document is the whole record (a dict), for SFT rows (maxlm.data.sft)."""
         pieces = [p if isinstance(p, Piece) else Piece(p) for p in files]
         self.files = [p.path for p in pieces]
         self.text_field = text_field
@@ -212,7 +213,7 @@ class JsonlSource(_SpanSource):
         self._ends = np.concatenate([e for _, e, _ in spans] or [empty])
         self._line_nos = np.concatenate([n for _, _, n in spans] or [empty])
 
-    def __getitem__(self, index: int) -> str | None:
+    def __getitem__(self, index: int) -> str | dict[str, Any] | None:
         raw = self._read_span(index)
         if not raw.strip():
             return None  # blank line: not a document, not an error
@@ -224,6 +225,11 @@ class JsonlSource(_SpanSource):
             return None
         except json.JSONDecodeError as e:
             self._warn(where, f"data: skipping {where}: invalid JSON ({e})")
+            return None
+        if self.text_field is None:
+            if isinstance(record, dict):
+                return record
+            self._warn(where, f"data: skipping {where}: a JSON {type(record).__name__}, expected an object")
             return None
         if not isinstance(record, dict) or not isinstance(record.get(self.text_field), str):
             self._warn(where, f"data: skipping {where}: no string field {self.text_field!r}")

@@ -28,6 +28,9 @@ from maxlm.config import ConfigError
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+# Per-token batch features named event_<name> hold counts (at one position per example) that the stream sums into
+# `data_<name>` statistics and removes from the batch (SFT: bad, dropped, truncated).
+EVENT_PREFIX = "event_"
 # What must match for the saved position to mean the same thing in this run.
 _GUARDED = ("shard_count", "shard_index", "num_workers", "sources", "split")
 
@@ -65,6 +68,7 @@ class DataIterator(grain.DatasetIterator):
         self._tokens = {sid: 0 for sid in ds.names}
         self._positions = 0
         self._real = 0
+        self._events: dict[str, int] = {}  # SFT: counts of skipped/dropped/truncated examples (maxlm.data.sft_pipeline)
 
     def _stage_of(self, batch: int) -> int:
         return bisect.bisect_right(self._ds.starts, batch) - 1
@@ -88,6 +92,9 @@ class DataIterator(grain.DatasetIterator):
         assert self._inner is not None
         batch = dict(next(self._inner))
         sources = batch.pop("sources")
+        for key in [k for k in batch if k.startswith(EVENT_PREFIX)]:
+            name = key[len(EVENT_PREFIX):]
+            self._events[name] = self._events.get(name, 0) + int(batch.pop(key).sum())
         real = batch["inputs_segment_ids"] > 0
         ids, counts = np.unique(sources[real], return_counts=True)
         for sid, n in zip(ids.tolist(), counts.tolist()):
@@ -105,6 +112,8 @@ class DataIterator(grain.DatasetIterator):
         out = {"data_fill_rate": self._real / max(1, self._positions), "data_stage": float(max(self._stage, 0))}
         for sid, n in self._tokens.items():
             out[f"data_mix_{self._ds.names[sid]}"] = n / total
+        for name, n in self._events.items():
+            out[f"data_{name}"] = float(n)
         return out
 
     @property
@@ -127,7 +136,7 @@ class DataIterator(grain.DatasetIterator):
         return {"maxlm_data_stream": STATE_VERSION, **self._ds.meta, "batch": self._batch, "stage": self._stage,
                 "salt": self._salt, "inner": self._inner.get_state() if self._inner is not None else None,
                 "tokens": {self._ds.names[sid]: n for sid, n in self._tokens.items()},
-                "positions": self._positions, "real": self._real}
+                "positions": self._positions, "real": self._real, "events": dict(self._events)}
 
     def set_state(self, state: dict[str, Any]) -> None:
         if state.get("maxlm_data_stream") != STATE_VERSION:
@@ -136,6 +145,7 @@ class DataIterator(grain.DatasetIterator):
         changed = {k: (state.get(k), self._ds.meta.get(k)) for k in _GUARDED if state.get(k) != self._ds.meta.get(k)}
         self._batch = int(state["batch"])
         self._positions, self._real = int(state["positions"]), int(state["real"])
+        self._events = {str(k): int(v) for k, v in state.get("events", {}).items()}
         by_name = {name: sid for sid, name in self._ds.names.items()}
         self._tokens = {sid: 0 for sid in self._ds.names}
         for name, n in state.get("tokens", {}).items():

@@ -16,6 +16,7 @@ import io
 import logging
 import os
 import random
+import re
 import time
 from collections.abc import Iterator, Sequence
 
@@ -27,6 +28,9 @@ from maxlm.config import ConfigError, expand_globs
 log = logging.getLogger(__name__)
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+# ChatML's turn markers, trained as single pieces (user-defined symbols, matched in any text) so that a chat
+# template renders conversations the model can be fine-tuned on and generation can stop at the end of a turn.
+CHAT_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>")
 
 # Sentencepiece drops training "sentences" longer than `max_sentence_length` bytes, so files are fed as blocks of
 # whole lines of at most this many characters (a UTF-8 character is at most 4 bytes, hence the limit below).
@@ -65,6 +69,54 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids without bos/eos: the data pipeline decides where document markers go."""
         return self._sp.encode(text)
+
+    def token_id(self, token: str) -> int | None:
+        """The id of a whole piece (e.g. "<|im_end|>"), or None when the vocabulary lacks it."""
+        i = int(self._sp.piece_to_id(token))
+        return i if self._sp.id_to_piece(i) == token else None
+
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        """What a chat template sees as `bos_token`/`eos_token`: the control pieces, which `encode_with_offsets`
+        turns back into their ids (plain `encode` treats them as text)."""
+        return {"bos_token": self._sp.id_to_piece(self.bos_id), "eos_token": self._sp.id_to_piece(self.eos_id)}
+
+    @property
+    def chat_template(self) -> str | None:
+        return None  # a sentencepiece model carries no template: data.chat_template picks one
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids of `text` with each token's [start, end) character span; the bos/eos control pieces written as text
+        (by a chat template's `{{ bos_token }}`) become their ids, as a Hugging Face tokenizer's special tokens do.
+
+        Sentencepiece reports byte offsets, and byte-fallback pieces of one character all but the last report an
+        empty span; both are mapped to characters here (an empty span takes the character its bytes belong to).
+        """
+        specials = {self._sp.id_to_piece(i): i for i in (self.bos_id, self.eos_id)}
+        ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+        pos = 0
+        for part in re.split("(" + "|".join(map(re.escape, specials)) + ")", text):
+            if part in specials:
+                ids.append(specials[part])
+                offsets.append((pos, pos + len(part)))
+            elif part:
+                raw = part.encode("utf-8")
+                # char index of every byte position (and one past the end)
+                char_at = [0] * (len(raw) + 1)
+                c = 0
+                for b, byte in enumerate(raw):
+                    if b and (byte & 0xC0) != 0x80:
+                        c += 1
+                    char_at[b] = c
+                char_at[len(raw)] = len(part)
+                for piece in self._sp.encode(part, return_type="proto").pieces:
+                    start = char_at[piece.begin]
+                    end = char_at[piece.end] if piece.end > piece.begin else start + 1
+                    ids.append(int(piece.id))
+                    offsets.append((pos + start, pos + end))
+            pos += len(part)
+        return ids, offsets
 
     def decode(self, ids: Sequence[int]) -> str:
         # Sentencepiece rejects numpy integers and ids outside the vocabulary would raise deep in C++; callers often
@@ -207,7 +259,7 @@ def train_tokenizer(input_glob: str, vocab_size: int, out: str, *, max_bytes: in
             add_dummy_prefix=False,
             allow_whitespace_only_pieces=True,
             split_digits=True,
-            user_defined_symbols=["\n", "\t"],
+            user_defined_symbols=["\n", "\t", *CHAT_SPECIAL_TOKENS],
             max_sentence_length=_MAX_SENTENCE_BYTES,
             pad_id=PAD_ID,
             unk_id=UNK_ID,

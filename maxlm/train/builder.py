@@ -121,6 +121,9 @@ def build_core(cfg: Config, mesh: jax.sharding.Mesh | None = None, *, check_back
 def initial_state(core: Core) -> TrainState:
     """Step 0: parameters from `load_parameters_from` (a maxlm checkpoint or HF directory) or a fresh init."""
     cfg = core.cfg
+    if cfg.train.objective == "sft" and not cfg.load_parameters_from:
+        log.warning("train.objective=sft from randomly initialised parameters; set load_parameters_from to a maxlm "
+                    "checkpoint or a Hugging Face model directory to fine-tune a trained model")
     if cfg.load_parameters_from:
         params = load_parameters(cfg.load_parameters_from, cfg, core.layout)
         return init_state_from_params(params, core.tx, core.layout, core.mesh, core.rules)

@@ -179,6 +179,8 @@ def _loop(cfg: Config, run: Run, preemption: Preemption, progress: bool) -> dict
                 step_s = (now - t_last) / (done - s_last)
                 t_last, s_last = now, done
                 row = {k: float(v) for k, v in metrics.items()} | {"step_time_s": step_s} | throughput(run, step_s)
+                # tokens with a training target this step (SFT: the response tokens), the loss's own unit count
+                row |= {"trained_tokens": row["weight"], "trained_tokens_per_s": row["weight"] / step_s}
                 if hasattr(run.data_iter, "stats"):
                     row |= run.data_iter.stats()
                 writer.write(done, row)

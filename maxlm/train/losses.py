@@ -123,3 +123,11 @@ def make_pretrain_loss(cfg: Config, model: nn.Module) -> LossFn:
         return loss + aux, metrics | {"aux_loss": aux} | extra
 
     return loss_fn
+
+
+def make_sft_loss(cfg: Config, model: nn.Module) -> LossFn:
+    """Supervised fine-tuning (TRL's SFTTrainer, MaxText's use_sft) is next-token prediction on an `LmBatch` whose
+    `targets_weights` are 1 only on the tokens the model must produce (maxlm.data.sft builds them): the same loss.
+    Its mean is over every trained token of the global batch, because the step combines microbatches weighted by
+    `metrics["weight"]` (transformers' `num_items_in_batch` semantics), not a mean of per-microbatch means."""
+    return make_pretrain_loss(cfg, model)

@@ -13,7 +13,7 @@ import flax.linen as nn
 
 from maxlm.config import Config
 from maxlm.train.batch import LmBatch
-from maxlm.train.losses import LossFn, make_pretrain_loss
+from maxlm.train.losses import LossFn, make_pretrain_loss, make_sft_loss
 
 
 @dataclass(frozen=True)
@@ -27,4 +27,5 @@ class Objective:
 
 OBJECTIVES: dict[str, Objective] = {
     "pretrain": Objective("pretrain", LmBatch, make_pretrain_loss),
+    "sft": Objective("sft", LmBatch, make_sft_loss),
 }
