@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from typing import Any
 
 import numpy as np
 

@@ -97,6 +97,36 @@ Verifier = Callable[[Any, "str | None"], dict[str, Any]]
 VERIFY_TOLERANCE = 0.15  # |estimate / XLA peak - 1| beyond this is reported
 
 
+def fit_parser() -> _Parser:
+    p = _Parser(prog="maxlm plan fit", description="Fit L(N, D) = E + A/N^alpha + B/D^beta to finished runs "
+                "(Hoffmann et al. 2022 Approach 3, with bootstrap intervals) and IsoFLOP parabolas (Approach 2).")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="CSV files with columns N,D,loss[,C], maxlm run directories, or directories of them")
+    p.add_argument("--out", metavar="PATH", help="write the fitted law as JSON (use with `maxlm plan --law PATH`)")
+    p.add_argument("--json", action="store_true", help="print the fit as JSON")
+    p.add_argument("--plot", metavar="PNG", help="draw the IsoFLOP curves and the fitted optimum (needs matplotlib)")
+    p.add_argument("--bootstrap", type=int, default=None, help="bootstrap resamples for the intervals (default 500)")
+    p.add_argument("--ci", type=float, default=0.95, help="interval coverage (default 0.95)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--starts", default="pairs", choices=("pairs", "all"),
+                   help="L-BFGS starts: the 3 best grid points per (alpha, beta) pair (default), or all 4,500")
+    return p
+
+
+def sweep_parser() -> _Parser:
+    p = _Parser(prog="maxlm plan sweep", description="Write the configs of an IsoFLOP sweep: model sizes around "
+                "each budget's optimum, tokens set by the budget, ready for `maxlm train`.")
+    p.add_argument("--budgets", type=_floats, required=True, help="comma-separated budgets in FLOPs (6ND)")
+    p.add_argument("--points", type=int, default=5, help="model sizes per budget (default 5)")
+    p.add_argument("--span", type=float, default=4.0, help="sizes from N_opt/span to N_opt*span (default 4)")
+    p.add_argument("--chips", type=_positive_int, help="devices the runs train on (rows are a multiple of it)")
+    _add_model_flags(p)
+    p.add_argument("--out", default="sweep", help="directory for the configs (default sweep/)")
+    p.add_argument("--runs-dir", default="runs/sweep", help="parent of the runs' run_dir (default runs/sweep)")
+    p.add_argument("--json", action="store_true", help="print the sweep as JSON")
+    return p
+
+
 def _write_config(plan: Any, path: str, run_dir: str | None, data: str, tokenizer: str) -> None:
     """Writes the plan's config and checks it the way `maxlm train` will: loads, validates (on the planned chip
     count, when known), same parameter count."""
