@@ -13,6 +13,7 @@ from typing import Callable
 
 from maxlm import apply_fake_cpu_mesh_flags
 from maxlm.config import ConfigError, config_to_yaml, load_config, resolve_config_path
+from maxlm.quiet import quiet_libraries
 
 
 def _force_cpu_devices(n: int) -> None:
@@ -47,36 +48,58 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _multiprocess_guard(fn: Callable[[], int]) -> int:
+    """Runs `fn` after joining a multi-process run (maxlm.distributed); an unexpected error there first gives the
+    peer watchdog time to name a dead peer in one line (a failed collective is usually that)."""
+    from maxlm import distributed
+
+    distributed.initialize()
+    try:
+        return fn()
+    except (ConfigError, KeyboardInterrupt):
+        raise
+    except Exception:
+        distributed.await_peer_verdict()
+        raise
+    finally:
+        distributed.finish()
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    from maxlm.distributed import initialize
 
-    initialize()
-    from maxlm.train.loop import TrainingError, describe, train
+    def run() -> int:
+        from maxlm.train.loop import TrainingError, describe, train
 
-    try:
-        summary = train(cfg, progress=not args.no_progress)
-    except TrainingError as e:  # non-finite steps, no readable checkpoint: one line, exit 1
-        print(f"maxlm: error: {e}", file=sys.stderr)
-        return 1
-    print(describe(summary))
-    return 0
+        try:
+            summary = train(cfg, progress=not args.no_progress)
+        except TrainingError as e:  # non-finite steps, no readable checkpoint, full disk: one line, exit 1
+            print(f"maxlm: error: {e}", file=sys.stderr)
+            return 1
+        print(describe(summary))
+        return 0
+
+    return _multiprocess_guard(run)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.steps < 1 or args.warmup < 0:
+        raise ConfigError(f"--steps must be >= 1 and --warmup >= 0 (got --steps {args.steps} --warmup "
+                          f"{args.warmup}): the number of timed and untimed train steps")
     cfg = _load(args)
-    from maxlm.distributed import initialize
 
-    initialize()
-    from maxlm.bench import bench
+    def run() -> int:
+        from maxlm.bench import bench
 
-    result = bench(cfg, args.steps, warmup=args.warmup)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for k, v in result.items():
-            print(f"{k:>22}: {v}")
-    return 0
+        result = bench(cfg, args.steps, warmup=args.warmup)
+        if args.json:
+            print(json.dumps(result))
+        else:
+            for k, v in result.items():
+                print(f"{k:>22}: {v}")
+        return 0
+
+    return _multiprocess_guard(run)
 
 
 def cmd_tokenizer(args: argparse.Namespace) -> int:
@@ -161,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_libraries()
     _force_cpu_devices(int(os.environ.get("MAXLM_CPU_DEVICES", "8")))
     try:
         if argv and argv[0] in DELEGATED:

@@ -30,6 +30,7 @@ from maxlm.model import Decoder
 from maxlm.checkpoint_format import read_meta, resolve_step_dir
 from maxlm.train.checkpoint import Checkpointer, load_parameters
 from maxlm.train.builder import build_run
+from maxlm.train.integrity import seal
 from maxlm.train.loop import NonFiniteError, train, trim_metrics
 from maxlm.train.metrics import read_metrics
 from maxlm.train.optimizer import make_optimizer
@@ -273,14 +274,19 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path: Path) -> None:
         assert ckpt.steps() == [2, 4]  # no save during the streak: step 6 was skipped
 
 
-def test_cli_exits_1_with_one_line_when_weights_are_nan(tmp_path: Path, capsys) -> None:
+def test_nan_weights_are_refused_and_a_diverging_run_exits_1_with_one_line(tmp_path: Path, capsys) -> None:
     cfg = tiny_config(f"run_dir={tmp_path}/src")
     mesh, _, state = _state(cfg)
     ckpt = Checkpointer(cfg, mesh)
     ckpt.save(0, state.replace(params=jax.tree_util.tree_map(lambda x: x * np.nan, state.params)), jax.random.key(0),
-              None)
+              None, refuse_nonfinite=False)  # a poisoned source: maxlm itself never saves one
     ckpt.close()
     code = cli_main(["train", "tiny", *RUN, f"run_dir={tmp_path}/run", f"load_parameters_from={tmp_path}/src",
+                     "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "non-finite values (NaN/Inf) in params" in err, err
+    # A learning rate that blows the weights up: every step from the second on is non-finite and skipped.
+    code = cli_main(["train", "tiny", *RUN, f"run_dir={tmp_path}/run", "optim.lr=1e30", "optim.warmup_steps=0",
                      "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert code == 1 and len(err.splitlines()) == 1 and "3 consecutive non-finite steps" in err, err
@@ -326,7 +332,7 @@ def test_data_position_with_another_process_count_is_refused_or_reshuffled(tmp_p
     assert resumed.resumed_from == 3
     # Pretend two processes wrote it (each reading its own half of the documents).
     meta = read_meta(str(step))
-    (step / "meta" / "metadata").write_text(json.dumps(meta | {"process_count": 2}))
+    (step / "meta" / "metadata").write_text(json.dumps(seal(meta | {"process_count": 2})))  # a consistent edit
     saved = json.loads((step / "data" / "process_0-of-1.json").read_text())
     for i in range(2):
         (step / "data" / f"process_{i}-of-2.json").write_text(json.dumps(saved | {"shard_count": 2, "shard_index": i}))

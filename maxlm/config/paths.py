@@ -1,4 +1,5 @@
-"""File-system helpers of the config: glob expansion for data paths, and preset names -> YAML paths."""
+"""File-system helpers of the config: glob expansion for data paths, preset names -> YAML paths, and output
+paths checked before any work starts (so a wrong one is one line naming the key, not a traceback later)."""
 
 from __future__ import annotations
 
@@ -43,3 +44,51 @@ def resolve_config_path(name: str) -> str:
         if os.path.isfile(cand):
             return cand
     raise ConfigError(f"config file not found: {name} (pass a YAML path or a preset name from configs/models)")
+
+
+def _existing_ancestor(path: str) -> str:
+    parent = path
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    return parent
+
+
+def check_dir_path(path: str, key: str) -> str:
+    """`path` absolute; ConfigError naming `key` when it is an existing file or lies under one. Creates nothing."""
+    if "://" in path:
+        return path
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"{key}={path} is an existing file, not a directory; remove it or choose another {key}")
+    ancestor = _existing_ancestor(path)
+    if ancestor and not os.path.isdir(ancestor):
+        raise ConfigError(f"{key}={path}: {ancestor} is a file, not a directory; choose a {key} outside it")
+    return path
+
+
+def writable_dir(path: str, key: str) -> str:
+    """Creates directory `path` (if needed) and returns it absolute; ConfigError naming `key` when it is a file, is
+    under a file, or cannot be created or written. URLs (gs://...) are returned unchecked."""
+    if "://" in path:
+        return path
+    path = check_dir_path(path, key)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{key}={path} cannot be created ({e.strerror}); choose a writable {key}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={path} is not writable; fix its permissions or choose a writable {key}")
+    return path
+
+
+def writable_file(path: str, key: str) -> str:
+    """`path` absolute, its directory created; ConfigError naming `key` when it is a directory or its directory
+    cannot be made."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.isdir(path):
+        raise ConfigError(f"{key}={path} is a directory; give a file path")
+    ancestor = _existing_ancestor(os.path.dirname(path))
+    if ancestor and not os.path.isdir(ancestor):
+        raise ConfigError(f"{key}={path}: {ancestor} is a file, not a directory; choose a {key} outside it")
+    writable_dir(os.path.dirname(path), key)
+    return path

@@ -34,6 +34,7 @@ from maxlm.convert.mapping import Architecture, TensorMap
 from maxlm.convert.params_store import CheckpointUnitSource, ParamsWriter
 from maxlm.convert.safetensors_io import PlannedTensor, SafetensorsReader, SafetensorsWriter
 from maxlm.checkpoint_format import ITEM_META, META_FILE, make_meta, read_meta, resolve_step_dir
+from maxlm.config.paths import check_dir_path, writable_dir
 
 BLOCK_BYTES = 64 * 2**20  # tensors larger than this (embeddings, LM heads) convert in row blocks
 
@@ -141,14 +142,15 @@ def from_hf(hf_dir: str, out_dir: str, overrides: list[str] | None = None, block
     a temporary name and renamed at the end, so an interrupted conversion never looks like a checkpoint. Returns
     (step directory, the Config recorded in its metadata).
     """
+    check_dir_path(out_dir, "OUT")
     hf = read_hf_config(hf_dir)
     arch, fields = model_fields_from_hf(hf, hf_dir)
     cfg = load_config(None, overrides or [])
     explicit = parse_overrides(overrides or []).get("model", {})
     cfg.model = dataclasses.replace(cfg.model, **{k: v for k, v in fields.items() if k not in explicit})
     check_static(cfg)
-    out = epath.Path(os.path.abspath(out_dir))
-    if out.exists() and any(out.iterdir()):
+    out = epath.Path(writable_dir(out_dir, "OUT"))
+    if any(out.iterdir()):
         raise ConfigError(f"{out_dir} exists and is not empty; choose a new output directory")
     final, partial = out / "0", out / "0.partial"
     if partial.exists():
@@ -196,13 +198,14 @@ def to_hf(checkpoint: str, out_dir: str, dtype: str | None = None, max_shard_byt
     checkpoint's parameter dtype; tensors above `block_bytes` are exported in row blocks of that size."""
     import ml_dtypes
 
+    check_dir_path(out_dir, "OUT")
     step_dir, _ = resolve_step_dir(checkpoint)
     meta = read_meta(step_dir)
     source = CheckpointUnitSource(step_dir, meta)
     cfg = source.model
     dtype = dtype or cfg.param_dtype
     np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
+    if os.listdir(writable_dir(out_dir, "OUT")):
         raise ConfigError(f"{out_dir} exists and is not empty; choose a new output directory")
     plan = hf_plan(cfg, np_dtype)
     writer = SafetensorsWriter(out_dir, [t for *_, tensors in plan for t in tensors], max_shard_bytes)

@@ -34,6 +34,7 @@ from maxlm.data.clean import FILTER_REASONS, Filters, document_hash, eval_thresh
 from maxlm.data.items import Piece, list_files
 from maxlm.data.sources import open_source, split_lines
 from maxlm.config.data_spec import MixtureComponent, components
+from maxlm.config.paths import writable_dir
 
 log = logging.getLogger(__name__)
 
@@ -239,6 +240,7 @@ def prepare_cache(cfg: Config, *, workers: int = 0, overwrite: bool = False,
     if not d.cache_dir:
         raise ConfigError("data.cache_dir is empty; set where `maxlm data prepare` writes the cache "
                           "(e.g. data.cache_dir=runs/cache)")
+    writable_dir(d.cache_dir, "data.cache_dir")  # an existing file or an unwritable place: one line, now
     plan = make_plan(cfg)
     resume = _start_fresh(d.cache_dir, plan, overwrite)
     os.makedirs(d.cache_dir, exist_ok=True)

@@ -24,6 +24,7 @@ import numpy as np
 import sentencepiece as spm
 
 from maxlm.config import ConfigError, expand_globs
+from maxlm.config.paths import writable_file
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +236,7 @@ def train_tokenizer(input_glob: str, vocab_size: int, out: str, *, max_bytes: in
         raise ConfigError(f"tokenizer input: no files match {input_glob!r}; check the path or glob")
     if vocab_size <= 0:
         raise ConfigError(f"tokenizer vocab_size must be positive, got {vocab_size}")
+    out = writable_file(out, "--out")  # before minutes of training, not after
     start = time.perf_counter()
     texts, skipped = _read_sample(files, max_bytes, seed)
     if skipped:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ import numpy as np
 
 from maxlm.config import ConfigError
 from maxlm.plan.laws import ChinchillaLaw
+
+log = logging.getLogger(__name__)
 
 HUBER_DELTA = 1e-3
 GRID_ALPHA = np.arange(0.0, 2.01, 0.5)
@@ -59,11 +62,14 @@ class RunPoint:
 # Reading runs
 
 
-def _float(value: str, where: str) -> float:
+def _float(value: str, where: str, allow_nonfinite: bool = False) -> float:
+    """A positive number; with `allow_nonfinite` (losses) NaN/Inf are kept, for `read_inputs` to skip the run."""
     try:
         v = float(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{where}: {value!r} is not a number") from None
+    if allow_nonfinite and not math.isfinite(v):
+        return v
     if not math.isfinite(v) or v <= 0:
         raise ConfigError(f"{where}: {value!r} must be a positive finite number")
     return v
@@ -87,7 +93,7 @@ def read_csv(path: str) -> list[RunPoint]:
             where = f"{path}:{i}"
             n, d = _float(row[cols["n"]], where), _float(row[cols["d"]], where)
             c = _float(row[cols["c"]], where) if "c" in cols and row[cols["c"]].strip() else 6.0 * n * d
-            out.append(RunPoint(n, d, _float(row[cols["loss"]], where), c, where))
+            out.append(RunPoint(n, d, _float(row[cols["loss"]], where, allow_nonfinite=True), c, where))
     return out
 
 
@@ -110,8 +116,8 @@ def read_run_dir(path: str) -> RunPoint:
         for line in f:
             if line.strip():
                 rows.append(json.loads(line))
-    for key in LOSS_KEYS:
-        hits = [r for r in rows if isinstance(r.get(key), (int, float))]
+    for key in LOSS_KEYS:  # NaN/Inf are logged as the strings "nan"/"inf" (JSON has no literal for them)
+        hits = [r for r in rows if isinstance(r.get(key), (int, float)) or r.get(key) in ("nan", "inf", "-inf")]
         if hits:
             last = hits[-1]
             break
@@ -126,7 +132,24 @@ def read_run_dir(path: str) -> RunPoint:
 
 
 def read_inputs(paths: Iterable[str]) -> list[RunPoint]:
-    """CSV files, run directories, or directories of run directories (e.g. `runs/sweep`)."""
+    """CSV files, run directories, or directories of run directories (e.g. `runs/sweep`); runs whose final loss is
+    NaN/Inf (diverged) are skipped with a warning, since no law passes through them."""
+    runs = _read_all(paths)
+    finite = [r for r in runs if math.isfinite(r.loss)]
+    if len(finite) < MIN_RUNS and len(finite) < len(runs):
+        raise ConfigError(f"fitting 5 coefficients needs at least {MIN_RUNS} runs with a finite loss, got "
+                          f"{len(finite)} ({len(runs) - len(finite)} of {len(runs)} have a NaN/Inf final loss); rerun "
+                          "the diverged ones (e.g. with a lower optim.lr) or add runs")
+    for r in runs:
+        if not math.isfinite(r.loss):
+            log.warning("maxlm plan fit: skipping %s: its final loss is %s", r.source, r.loss)
+    return finite
+
+
+MIN_RUNS = 5
+
+
+def _read_all(paths: Iterable[str]) -> list[RunPoint]:
     out: list[RunPoint] = []
     for p in paths:
         if os.path.isfile(p):
@@ -242,8 +265,10 @@ def select_starts(grid: np.ndarray, values: np.ndarray, per_pair: int = STARTS_P
 def fit_parametric(runs: list[RunPoint], delta: float = HUBER_DELTA, starts: str = "pairs") -> ParametricFit:
     """The best L-BFGS fit over the initialisation grid: `starts="pairs"` (default, see the module docstring) or
     `"all"` (every one of the 4,500 grid points, as Hoffmann et al.)."""
-    if len(runs) < 5:
-        raise ConfigError(f"fitting 5 coefficients needs at least 5 runs, got {len(runs)}")
+    if len(runs) < MIN_RUNS:
+        raise ConfigError(f"fitting 5 coefficients needs at least {MIN_RUNS} runs, got {len(runs)}")
+    if any(not (math.isfinite(r.loss) and r.loss > 0) for r in runs):
+        raise ConfigError("every run's loss must be a positive finite number (read_inputs skips diverged runs)")
     if starts not in ("pairs", "all"):
         raise ConfigError(f"--starts must be 'pairs' or 'all', got {starts!r}")
     x, y, logl = _arrays(runs)
@@ -258,6 +283,8 @@ def fit_parametric(runs: list[RunPoint], delta: float = HUBER_DELTA, starts: str
             if best is None or val < best[1]:
                 best = (theta, val)
     assert best is not None
+    if not (np.all(np.isfinite(best[0])) and math.isfinite(best[1])):
+        raise ConfigError(f"the fit did not converge (coefficients {best[0].tolist()}); check the runs' losses")
     return ParametricFit(best[0], best[1], len(grid))
 
 

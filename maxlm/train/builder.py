@@ -26,6 +26,7 @@ from maxlm.model.moe import router_bias_update, uses_router_bias
 from maxlm.train.batch import abstract_batch, batch_shardings, global_batch
 from maxlm.train.checkpoint import Checkpointer, load_parameters
 from maxlm.train.evaluate import make_evaluator
+from maxlm.train.memory_guard import check_memory
 from maxlm.train.objectives import OBJECTIVES, Objective
 from maxlm.train.optimizer import make_optimizer
 from maxlm.train.state import StateLayout, TrainState, init_state, init_state_from_params, state_layout
@@ -86,6 +87,9 @@ def resolve_hardware(cfg: Config) -> Hardware | None:
         return detect_hardware(jax.devices()[0].device_kind)
     if cfg.train.hardware in ("cpu", "none"):
         return None
+    if cfg.train.hardware not in HARDWARE:
+        raise ConfigError(f"train.hardware={cfg.train.hardware!r} is not one of auto, cpu, none, "
+                          f"{', '.join(HARDWARE)}; it names the peak-FLOP table entry for MFU")
     return HARDWARE[cfg.train.hardware]
 
 
@@ -100,10 +104,13 @@ def build_core(cfg: Config, mesh: jax.sharding.Mesh | None = None, *, check_back
     """Validates the config against the mesh's devices (default: all of this process's view, `jax.devices()`) and
     builds the model, optimizer, objective, state layout and the jitted step. Nothing is allocated."""
     devices = list(mesh.devices.flat) if mesh is not None else jax.devices()
-    validate(cfg, len(devices))
+    shape = validate(cfg, len(devices))
+    hardware = resolve_hardware(cfg)
     if check_backend and cfg.model.attention == "cudnn" and jax.default_backend() != "gpu":
         raise ConfigError(f"model.attention=cudnn needs an NVIDIA GPU (this backend is {jax.default_backend()}); "
                           f"use model.attention=auto (cuDNN on GPU, XLA elsewhere) or xla")
+    if check_backend:  # running here: this machine's devices must hold the step (before anything is allocated)
+        check_memory(cfg, shape, hardware.hbm_bytes if hardware else None)
     mesh = mesh if mesh is not None else build_mesh(cfg)
     rules = logical_rules(cfg)
     model = Decoder(cfg.model)

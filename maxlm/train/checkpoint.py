@@ -8,8 +8,10 @@ Parameters and optimizer state are separate items so that `load_parameters_from`
 the parameters alone, whatever optimizer wrote them; `meta` lets every reader check shapes before touching arrays.
 
 Restores read shapes from `meta` first: a different model fails with one line naming both shapes (ConfigError),
-while anything that breaks *reading* a step (a truncated or deleted file) makes the run warn, move that step
-aside as `{step}.corrupt` and fall back to the next older one.
+while anything that makes a step untrustworthy makes the run warn, move that step aside as `{step}.corrupt` and
+fall back to the next older one: a truncated or deleted file, JSON of the wrong shape, an array whose checksum
+differs from the one saved with it (maxlm.train.integrity), or parameters / optimizer state holding NaN/Inf. A
+state with NaN/Inf is never saved in the first place (`PoisonedState`).
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.sharding import Mesh
 
-from maxlm.checkpoint_format import ITEM_DATA, ITEM_META, ITEM_OPT, ITEM_PARAMS, ITEM_TRAIN, checkpoint_dir, \
+from maxlm.checkpoint_format import ITEM_DATA, ITEM_META, ITEM_OPT, ITEM_PARAMS, ITEM_TRAIN, META_FILE, checkpoint_dir, \
     make_meta, read_meta, resolve_step_dir, tree_shapes
 from maxlm.config import Config, ConfigError
 from maxlm.mesh import replicated
+from maxlm.train.integrity import CHECKSUM_KIND, DamagedStep, check_meta, check_train, fingerprint, seal, verify
 from maxlm.train.state import StateLayout, TrainState
 
 log = logging.getLogger(__name__)
@@ -48,6 +51,9 @@ class TrainingError(RuntimeError):
 class CheckpointError(TrainingError):
     """A checkpoint problem the run cannot get past (e.g. no step is readable)."""
 
+
+class PoisonedState(TrainingError):
+    """The state to save holds NaN/Inf: saving it would make it the newest checkpoint every resume starts from."""
 
 
 def describe_mismatch(what: str, saved: dict[str, list], wanted: dict[str, list], saved_model: dict[str, Any] | None,
@@ -151,23 +157,33 @@ class Checkpointer:
     def step_dir(self, step: int) -> str:
         return str(epath.Path(self.directory) / str(step))
 
-    def save(self, step: int, state: TrainState, rng: jax.Array, data_iter: Any) -> bool:
+    def save(self, step: int, state: TrainState, rng: jax.Array, data_iter: Any, *,
+             refuse_nonfinite: bool = True) -> bool:
         """Starts saving `state` (taken at the boundary after `step` steps); False if that step already exists.
 
-        With `checkpoint.async_save` this returns once the arrays are copied to host memory and the files are
-        written in the background; the next save, `wait` or `close` waits for them.
+        Checksums of every parameter and optimizer-state array go into the `train` item (maxlm.train.integrity);
+        a state holding NaN/Inf raises PoisonedState instead of being saved (`refuse_nonfinite=False` is for tests
+        and tools that write such a state on purpose). With `checkpoint.async_save` this returns once the arrays
+        are copied to host memory and the files are written in the background; the next save, `wait` or `close`
+        waits for them.
         """
         if step in self.manager.all_steps():
             return False
+        sums, nonfinite = fingerprint(params=state.params, opt_state=state.opt_state)
+        if nonfinite and refuse_nonfinite:
+            newest = max(self.steps(), default=None)
+            last = f"the newest good checkpoint stays step {newest}" if newest is not None else "nothing was saved"
+            raise PoisonedState(f"step {step}: {nonfinite[0]} holds NaN/Inf, so it was not saved as a checkpoint; "
+                                f"{last}")
         run, total = (int(x) for x in jax.device_get((state.nonfinite_run, state.nonfinite_total)))
-        train = {"step": step, "rng": np.asarray(jax.random.key_data(rng)).tolist(), "nonfinite_run": run,
-                 "nonfinite_total": total}
+        train = seal({"step": step, "rng": np.asarray(jax.random.key_data(rng)).tolist(), "nonfinite_run": run,
+                      "nonfinite_total": total, "checksum_kind": CHECKSUM_KIND, "checksums": sums})
         if self._meta_cache is None:
             self._meta_cache = make_meta(self.cfg, step, state.params, state.opt_state,
                                          mesh_shape=dict(self.mesh.shape), process_count=jax.process_count(),
                                          source="train")
-        meta = self._meta_cache | {"step": step, "time": datetime.datetime.now(datetime.timezone.utc).isoformat(
-            timespec="seconds")}
+        meta = seal(self._meta_cache | {"step": step, "time": datetime.datetime.now(
+            datetime.timezone.utc).isoformat(timespec="seconds")})
         items: dict[str, Any] = {ITEM_PARAMS: ocp.args.PyTreeSave(state.params),
                                  ITEM_OPT: ocp.args.PyTreeSave(state.opt_state),
                                  ITEM_TRAIN: ocp.args.JsonSave(train), ITEM_META: ocp.args.JsonSave(meta)}
@@ -206,8 +222,8 @@ class Checkpointer:
             where = f"checkpoint {self.step_dir(step)}"
             meta, error = {}, ""
             try:
-                meta = read_meta(self.step_dir(step))
-            except Exception as e:  # unreadable metadata: a damaged step
+                meta = check_meta(read_meta(self.step_dir(step)))
+            except Exception as e:  # unreadable or malformed metadata: a damaged step
                 error = _short(e)
             if not self._agree(not error):
                 failed.append((step, error or "unreadable on another process"))
@@ -217,9 +233,10 @@ class Checkpointer:
                 ITEM_PARAMS: _tree_restore(_with_shardings(layout.abstract.params, layout.shardings.params)),
                 ITEM_OPT: _tree_restore(_with_shardings(layout.abstract.opt_state, layout.shardings.opt_state)),
                 ITEM_TRAIN: ocp.args.JsonRestore()}
-            out, data_state = None, None
+            out, data_state, train = None, None, {}
             try:
                 out = self.manager.restore(step, args=ocp.args.Composite(**items))
+                train = check_train(out[ITEM_TRAIN])
                 data_state = self._data_state(step, meta, data_iter)
             except ConfigError:
                 raise
@@ -228,10 +245,23 @@ class Checkpointer:
             if not self._agree(not error):
                 failed.append((step, error or "unreadable on another process"))
                 continue
-            self._quarantine(failed)
+            try:  # every process runs this collective computation, hence after the agreement above
+                verify(train.get("checksums"), params=out[ITEM_PARAMS], opt_state=out[ITEM_OPT])
+            except DamagedStep as e:  # the same verdict on every process: the checksums are global
+                failed.append((step, str(e)))
+                continue
             if data_state is not None:
-                data_iter.set_state(data_state)  # may refuse with a ConfigError that says what to do
-            elif _has_data_state(data_iter):
+                try:
+                    data_iter.set_state(data_state)  # may refuse with a ConfigError that says what to do
+                except ConfigError:
+                    raise
+                except Exception as e:  # parseable but malformed iterator state
+                    error = _short(e)
+                if not self._agree(not error):
+                    failed.append((step, error or "data position unreadable on another process"))
+                    continue
+            self._quarantine(failed)
+            if data_state is None and _has_data_state(data_iter):
                 log.warning("%s has no data-iterator state; the data stream starts from its beginning", where)
             return Restored(step=step, state=self._state(out, layout), rng=jax.random.wrap_key_data(
                 np.asarray(out[ITEM_TRAIN]["rng"], np.uint32)), data_restored=data_state is not None,
@@ -256,6 +286,8 @@ class Checkpointer:
             return None
         saved_n, n, i = int(meta.get("process_count", 1)), jax.process_count(), jax.process_index()
         state = json.loads((data_dir / f"process_{min(i, saved_n - 1)}-of-{saved_n}.json").read_text())
+        if not isinstance(state, dict):
+            raise DamagedStep(f"the data position of process {i} is not a JSON object")
         if saved_n != n and "maxlm_data_stream" not in state:
             raise ConfigError(f"checkpoint {self.step_dir(step)} holds the data positions of {saved_n} process(es) "
                               f"but this run has {n}; relaunch with {saved_n} processes to resume")
@@ -320,7 +352,7 @@ class Checkpointer:
 
 def _short(e: BaseException) -> str:
     text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text[:300]}"
+    return text[:300] if isinstance(e, DamagedStep) else f"{type(e).__name__}: {text[:300]}"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -341,12 +373,34 @@ def load_parameters(path: str, cfg: Config, layout: StateLayout) -> Any:
     if is_hf_dir(path):
         return load_hf_params(path, cfg.model, abstract)
     step_dir, _ = resolve_step_dir(path)
-    meta = read_meta(step_dir)
+    where = f"load_parameters_from={path}"
+    try:
+        meta = check_meta(read_meta(step_dir))
+    except Exception as e:
+        raise ConfigError(f"{where}: {step_dir} has unreadable metadata ({_short(e)}); give another step "
+                          "directory") from None
     wanted = tree_shapes(layout.abstract.params)
     if describe_mismatch("parameter", meta["params"], wanted, None, {}) is None:
         with ocp.StandardCheckpointer() as checkpointer:
-            return checkpointer.restore(str(epath.Path(step_dir) / ITEM_PARAMS), abstract)
+            params = checkpointer.restore(str(epath.Path(step_dir) / ITEM_PARAMS), abstract)
+        try:
+            verify(_saved_param_checksums(step_dir), params=params)
+        except DamagedStep as e:
+            raise ConfigError(f"{where}: {step_dir} is damaged ({e}); give an older step directory") from None
+        return params
     from maxlm.convert.layout import assemble_params
     from maxlm.convert.params_store import CheckpointUnitSource
 
-    return assemble_params(CheckpointUnitSource(step_dir), cfg.model, abstract, where=f"load_parameters_from={path}")
+    return assemble_params(CheckpointUnitSource(step_dir), cfg.model, abstract, where=where)
+
+
+def _saved_param_checksums(step_dir: str) -> dict[str, Any] | None:
+    """The parameters' checksums saved with a training step (None for steps without them, e.g. from convert)."""
+    train_file = epath.Path(step_dir) / ITEM_TRAIN / META_FILE
+    if not train_file.exists():
+        return None
+    try:
+        sums = check_train(json.loads(train_file.read_text())).get("checksums")
+    except Exception as e:
+        raise DamagedStep(f"its train item is unreadable: {_short(e)}") from None
+    return {"params": sums["params"]} if sums and "params" in sums else None

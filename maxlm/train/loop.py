@@ -14,6 +14,7 @@ What a run survives:
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -25,10 +26,12 @@ from typing import Any
 import jax
 from tqdm import tqdm
 
+from maxlm.checkpoint_format import checkpoint_dir
 from maxlm.config import Config, config_to_yaml
 from maxlm.train.builder import Run, build_run
-from maxlm.train.checkpoint import TrainingError
+from maxlm.train.checkpoint import PoisonedState, TrainingError
 from maxlm.train.metrics import MetricsWriter
+from maxlm.train.runlock import run_lock
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,29 @@ __all__ = ["NonFiniteError", "TrainingError", "describe", "train"]
 
 class NonFiniteError(TrainingError):
     """`train.max_nonfinite_steps` consecutive steps had a NaN/Inf loss or gradient norm."""
+
+
+class DiskFullError(TrainingError):
+    """The disk filled up while the run wrote checkpoints or metrics; earlier complete checkpoints are intact."""
+
+
+def _disk_full(e: BaseException | None) -> bool:
+    """Whether ENOSPC is anywhere in the exception chain (orbax and tensorstore wrap it in their own errors)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _complete_steps(cfg: Config) -> list[int]:
+    """Steps in `checkpoint.dir` that were finalised (orbax renames a step's directory to its number last)."""
+    try:
+        return sorted(int(n) for n in os.listdir(checkpoint_dir(cfg)) if n.isdigit())
+    except OSError:
+        return []
 
 
 def throughput(run: Run, step_s: float) -> dict[str, float | None]:
@@ -111,12 +137,22 @@ def train(cfg: Config, progress: bool = True, run: Run | None = None) -> dict[st
     """Runs (or resumes) up to `cfg.train.steps` steps; returns a summary with every logged loss.
 
     `run` may be passed pre-built (tests feed it their own batches); by default it is built with resume on.
-    Raises TrainingError (NonFiniteError, CheckpointError) when the run cannot go on; a pending checkpoint write
-    is always finished first.
+    The run directory (and `checkpoint.dir`) is locked first (maxlm.train.runlock): a second run on it stops with a
+    ConfigError naming this one. Raises TrainingError (NonFiniteError, CheckpointError) when the run cannot go on;
+    a pending checkpoint write is always finished first.
     """
-    with Preemption() as preemption:
-        run = run or build_run(cfg, resume=True)
-        return _loop(cfg, run, preemption, progress)
+    with run_lock(cfg), Preemption() as preemption:
+        try:
+            run = run or build_run(cfg, resume=True)
+            return _loop(cfg, run, preemption, progress)
+        except Exception as e:
+            if not _disk_full(e):
+                raise
+            steps = _complete_steps(cfg)
+            last = f"the last complete checkpoint is step {steps[-1]}" if steps else "no checkpoint was completed"
+            raise DiskFullError(f"no space left on device while writing to {cfg.run_dir} or checkpoint.dir; {last}; "
+                                "free space (or lower checkpoint.keep_last) and run the same command to resume"
+                                ) from None
 
 
 def _loop(cfg: Config, run: Run, preemption: Preemption, progress: bool) -> dict[str, Any]:
@@ -130,7 +166,7 @@ def _loop(cfg: Config, run: Run, preemption: Preemption, progress: bool) -> dict
         if run.resumed_from is not None:
             trim_metrics(cfg.run_dir, start)
     writer = MetricsWriter(cfg.run_dir, enabled=is_main)
-    limit = max(1, cfg.train.max_nonfinite_steps)
+    limit = cfg.train.max_nonfinite_steps
     every = cfg.checkpoint.every
     losses: list[tuple[int, float]] = []
     bar = tqdm(total=cfg.train.steps, initial=start, disable=not (progress and is_main), unit="step",
@@ -160,8 +196,13 @@ def _loop(cfg: Config, run: Run, preemption: Preemption, progress: bool) -> dict
         if periodic and streak:
             log.warning("step %d: not saving a checkpoint during a streak of %d non-finite steps", step, streak)
             return
-        if ckpt.save(step, state, rng, run.data_iter):
-            saved.append(step)
+        try:
+            if ckpt.save(step, state, rng, run.data_iter):
+                saved.append(step)
+        except PoisonedState as e:  # never the newest checkpoint; the run only stops at its end
+            if not periodic:
+                raise
+            log.warning("%s", e)
 
     try:
         for step in range(start, cfg.train.steps):
