@@ -3,8 +3,9 @@
 Silenced during normal operation (set MAXLM_LIBRARY_LOGS=1 to see everything again):
   * absl-routed Python logs of orbax/grain ("WARNING:absl:...", and ERROR records with tracebacks for failures
     that maxlm already reports in one line, e.g. an unreadable checkpoint it falls back from);
-  * asyncio's "Event loop is closed" / "Task exception was never retrieved" reports, printed when orbax's private
-    event loop is torn down with a read still pending (after a damaged step was read), up to dozens per fallback;
+  * asyncio's "Event loop is closed" / "Task exception was never retrieved" / "coroutine ... was never awaited"
+    reports, printed when orbax's private event loop is torn down with work still pending (after a damaged step
+    was read, or a save failed), up to dozens per fallback;
   * the C++ (TSL/absl) INFO and WARNING lines of jaxlib and tensorstore (TF_CPP_MIN_LOG_LEVEL, only if unset);
   * a full disk (ENOSPC) hit by a library's background writer thread (TensorBoard's event writer): the run's own
     writes hit the same disk and `maxlm train` reports it once, in one line (maxlm.train.loop.DiskFullError).
@@ -17,6 +18,7 @@ import logging
 import os
 import sys
 import threading
+import warnings
 from typing import Any
 
 _installed = False
@@ -25,7 +27,7 @@ _installed = False
 def _is_event_loop_noise(unraisable: Any) -> bool:
     exc = getattr(unraisable, "exc_value", None)
     text = str(exc) if exc is not None else ""
-    return isinstance(exc, RuntimeError) and "Event loop is closed" in text or "asyncio" in repr(
+    return (isinstance(exc, RuntimeError) and "Event loop is closed" in text) or "asyncio" in repr(
         getattr(unraisable, "object", ""))
 
 
@@ -45,6 +47,7 @@ def quiet_libraries() -> None:
             previous(unraisable)
 
     sys.unraisablehook = hook
+    warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning)
     previous_thread_hook = threading.excepthook
 
     def thread_hook(args: Any) -> None:
