@@ -140,3 +140,32 @@ def test_as_a_user_runs_it(argv: list[str], expected: str, a_file: Path) -> None
                           timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert expected.format(f=a_file) in _one_line(proc.stderr) and proc.stdout == ""
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path):
+    """A 3 MB tmpfs (room for about two tiny checkpoints); skipped where mounting is not allowed."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_full_disk_is_one_line_exit_1_and_keeps_the_last_checkpoint(tiny_disk: Path, capsys) -> None:
+    run_dir = tiny_disk / "run"
+    code = cli_main(["train", "tiny", f"run_dir={run_dir}", "train.steps=30", "checkpoint.every=5", "--no-progress"])
+    line = _one_line(capsys.readouterr().err)
+    assert code == 1 and "no space left on device" in line, line
+    last = int(line.split("the last complete checkpoint is step ")[1].split(";")[0])
+    assert 5 <= last < 30 and (run_dir / "checkpoints" / str(last) / "params").is_dir()
+    from maxlm.checkpoint_format import read_meta
+
+    assert read_meta(str(run_dir / "checkpoints" / str(last)))["step"] == last
+    # Room again: the same command resumes from that checkpoint (it was complete and passes its checksums).
+    subprocess.run(["mount", "-o", "remount,size=40m", str(tiny_disk)], check=True)
+    code = cli_main(["train", "tiny", f"run_dir={run_dir}", "train.steps=30", "checkpoint.every=5", "--no-progress"])
+    assert code == 0 and f"resumed from step {last};" in capsys.readouterr().out
