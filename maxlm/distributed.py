@@ -6,7 +6,8 @@ When one process of a run dies (OOM kill, a lost host), the others would block i
 JAX's coordination service gives up on the missing heartbeats (100 s) and aborts them with a C++ check failure
 (exit 134, hundreds of lines). `PeerWatchdog` ends them sooner and in one line: every process bumps a counter in
 the coordination service's key-value store every PEER_POLL_S seconds and watches the others'; a peer whose counter
-stops for `MAXLM_PEER_TIMEOUT` seconds (default PEER_TIMEOUT_S), or a coordinator that stops answering, ends this
+stops for `MAXLM_PEER_TIMEOUT` seconds (default PEER_TIMEOUT_S, or half of MAXLM_HEARTBEAT_TIMEOUT when that is
+shorter), or a coordinator that stops answering, ends this
 process with "maxlm: error: ..." and exit code 1. A checkpoint a dead peer took part in is complete or absent, so
 rerunning the same command resumes.
 """
@@ -55,7 +56,9 @@ def initialize() -> None:
         jax.distributed.initialize(**timeouts)
     _initialized = True
     if jax.process_count() > 1:
-        _watchdog = PeerWatchdog(float(os.environ.get("MAXLM_PEER_TIMEOUT", PEER_TIMEOUT_S)))
+        # Below JAX's own heartbeat timeout, so that the one-line verdict comes before its abort.
+        default = min(PEER_TIMEOUT_S, 0.5 * (_int_env("MAXLM_HEARTBEAT_TIMEOUT") or 100))
+        _watchdog = PeerWatchdog(float(os.environ.get("MAXLM_PEER_TIMEOUT") or default))
         _watchdog.start()
 
 
