@@ -17,7 +17,7 @@ import pytest
 
 from helpers import tiny_config
 from maxlm.config import Config
-from maxlm.convert.hf import model_config_from_hf
+from maxlm.convert.families import model_config_from_hf
 from maxlm.train.batch import global_batch
 from maxlm.train.builder import build_run
 from tests.sft_helpers import make_hf_tokenizer, write_jsonl
