@@ -50,6 +50,7 @@ class ProcessBatches(grain.DatasetIterator):
     def __init__(self, data: DataConfig, *, vocab_size: int, global_batch_size: int, rows: tuple[int, int], seed: int,
                  process_index: int = 0, process_count: int = 1, total_steps: int = 0, split: str = "train") -> None:
         super().__init__()
+        self.iters: list = []  # set before anything can fail: grain's __del__ calls close() on a half-built iterator
         start, stop = rows
         if not 0 <= start < stop <= global_batch_size:
             raise ConfigError(f"data: process rows [{start}, {stop}) are not inside the global batch of "
