@@ -8,6 +8,9 @@ weights and reads it back; neither imports the other. One directory per step und
     {step}/train      JSON: step, PRNG key data, non-finite counters
     {step}/data       every process's data-iterator state (grain's handler: process_{i}-of-{n}.json)
     {step}/meta       JSON: maxlm version, mesh, process count, parameter count, every leaf's shape, the config
+
+A LoRA run's `params` hold only the adapters (`layers/attn/q_lora_a`, ...) and `opt_state` only their moments; its
+meta's `lora` entry points at the frozen base (`lora_base_pointer`), which is never copied into the checkpoint.
 """
 
 from __future__ import annotations
@@ -54,7 +57,18 @@ def make_meta(cfg: Config, step: int, params: Any, opt_state: Any | None, *, mes
             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "mesh": dict(mesh_shape), "process_count": process_count,
             "param_count": sum(math.prod(s) for s, _ in shapes.values()), "params": shapes,
-            "opt_state": tree_shapes(opt_state) if opt_state is not None else None, "config": cfg.to_dict()}
+            "opt_state": tree_shapes(opt_state) if opt_state is not None else None, "config": cfg.to_dict()} | (
+                {"lora": lora_base_pointer(cfg)} if cfg.lora.enabled else {})
+
+
+def lora_base_pointer(cfg: Config) -> dict[str, Any]:
+    """Where a LoRA run's frozen base comes from: `base`, the absolute path of `load_parameters_from` (a maxlm
+    checkpoint or a Hugging Face directory), or None for the seeded initialisation `init_seed`; plus the adapters'
+    settings that merging and PEFT export need."""
+    lo = cfg.lora
+    return {"base": absolute(cfg.load_parameters_from) if cfg.load_parameters_from else None,
+            "init_seed": cfg.seed, "base_dtype": lo.base_dtype or cfg.model.param_dtype, "rank": lo.rank,
+            "alpha": lo.alpha, "rslora": lo.rslora, "targets": list(lo.targets)}
 
 
 def read_meta(step_dir: str) -> dict[str, Any]:

@@ -130,6 +130,7 @@ def _delegate(module: str, function: str = "main") -> Callable[[list[str]], int]
 DELEGATED: dict[str, Callable[[list[str]], int]] = {
     "plan": _delegate("maxlm.compile.verify", "plan_main"),  # plan, with --verify compiling the plan
     "convert": _delegate("maxlm.convert.cli"),
+    "lora": _delegate("maxlm.convert.lora_cli"),
     "data": _delegate("maxlm.data.cli"),
     "bench-data": _delegate("maxlm.data.cli", "bench_main"),
     "launch": _delegate("maxlm.launch.cli"),
@@ -173,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(fn=cmd_demo)
     sub.add_parser("plan", help="scaling planner: compute budget -> config (see `maxlm plan --help`)", add_help=False)
     sub.add_parser("convert", help="Hugging Face <-> maxlm checkpoints (see `maxlm convert --help`)", add_help=False)
+    sub.add_parser("lora", help="LoRA adapters: merge into the base, export to PEFT (see `maxlm lora --help`)",
+                   add_help=False)
     sub.add_parser("data", help="data preparation (see `maxlm data --help`)", add_help=False)
     sub.add_parser("compile", help="compile the train step for a TPU slice / GPU cluster from this machine: "
                    "memory per device, fits, FLOPs, collectives (see `maxlm compile --help`)", add_help=False)

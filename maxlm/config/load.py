@@ -150,5 +150,12 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> Config:
     return cfg
 
 
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """A Config from its `to_dict()` form (what checkpoint metadata records), checked like a loaded one."""
+    cfg = _build(Config, data)
+    check_static(cfg)
+    return cfg
+
+
 def config_to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None, width=120)

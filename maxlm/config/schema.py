@@ -45,6 +45,9 @@ MESH_AXES = ("data", "fsdp", "tensor", "expert")
 FFN_NAMES = ("mlp", "moe")
 OBJECTIVE_NAMES = ("pretrain", "sft")
 REMAT_NAMES = ("none", "full", "dots", "dots_no_batch")
+# Projections an adapter can target by name (maxlm.model.lora.PROJECTION_NAMES must hold exactly these): attention
+# q/k/v/o, the dense SwiGLU gate/up/down, and MoE shared experts. Anything else in `lora.targets` is a pattern.
+LORA_TARGET_NAMES = ("q", "k", "v", "o", "gate", "up", "down", "shared_gate", "shared_up", "shared_down")
 
 
 @dataclass
@@ -217,6 +220,21 @@ class CheckpointConfig:
 
 
 @dataclass
+class LoraConfig:
+    """Low-rank adapters (Hu et al. 2021) on chosen projections; the base weights are frozen (maxlm/model/lora.py)."""
+
+    enabled: bool = False
+    rank: int = 8  # r: A is [in, r], B is [r, out]
+    alpha: float = 16.0  # scale alpha / r (or alpha / sqrt(r) with rslora)
+    # Projection names (LORA_TARGET_NAMES) or regular expressions searched in a weight's path (`layers/attn/q`).
+    targets: list = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
+    dropout: float = 0.0  # dropout on the adapter's input during training (PEFT's lora_dropout)
+    rslora: bool = False  # rank-stabilised scale alpha / sqrt(r) (Kalajdzievski 2023)
+    base_dtype: str = ""  # dtype the frozen base is held in: '' (model.param_dtype) | float32 | bfloat16
+    load_adapter_from: str = ""  # start the adapters from a PEFT adapter directory or a maxlm LoRA checkpoint
+
+
+@dataclass
 class TrainConfig:
     """The loop: how long, how big a batch, which objective, what to log."""
 
@@ -246,6 +264,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     # ---- derived values: computed here and nowhere else ----
     @property

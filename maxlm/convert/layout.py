@@ -51,15 +51,21 @@ class Leaf:
 
 def param_leaves(cfg: ModelConfig) -> list[Leaf]:
     """Every parameter leaf of the model `cfg` builds, classified as global or per-layer (scanned or not)."""
-    from maxlm.model.stack import layer_path
     from maxlm.model.transformer import abstract_params
+
+    return classify_leaves(cfg, nn.unbox(abstract_params(cfg)))
+
+
+def classify_leaves(cfg: ModelConfig, tree: Any) -> list[Leaf]:
+    """The leaves of an abstract tree laid out like the model's parameters (the parameters, or LoRA adapters)."""
+    from maxlm.model.stack import layer_path
 
     by_prefix: dict[tuple[str, ...], list[tuple[int, int | None]]] = {}
     for i in range(cfg.n_layers):
         prefix, index = layer_path(cfg, i)
         by_prefix.setdefault(tuple(prefix), []).append((i, index))
     leaves = []
-    flat, _ = jax.tree_util.tree_flatten_with_path(nn.unbox(abstract_params(cfg)))
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     for key_path, leaf in flat:
         path = path_parts(key_path)
         prefix = max((p for p in by_prefix if path[:len(p)] == p), key=len, default=None)
@@ -114,12 +120,14 @@ class UnitCache:
         return x
 
 
-def assemble_params(source: UnitSource, cfg: ModelConfig, abstract: Any, where: str) -> Any:
-    """`abstract` (ShapeDtypeStructs with shardings, in the layout `cfg` builds) filled from `source`.
+def assemble_params(source: UnitSource, cfg: ModelConfig, abstract: Any, where: str,
+                    leaves: list[Leaf] | None = None) -> Any:
+    """`abstract` (ShapeDtypeStructs with shardings, in the layout `cfg` builds) filled from `source`; `leaves`
+    describe `abstract` (default: the model's parameters; LoRA adapters pass theirs).
 
     All shapes are checked before anything is read, so a mismatch costs no I/O.
     """
-    leaves = {leaf.path: leaf for leaf in param_leaves(cfg)}
+    leaves = {leaf.path: leaf for leaf in (leaves if leaves is not None else param_leaves(cfg))}
     for leaf in leaves.values():
         for unit in leaf.units():
             try:

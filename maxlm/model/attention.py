@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from maxlm.config import ModelConfig
 from maxlm.model.layers import RMSNorm, compute_dtype, constrain, param, project
 from maxlm.model.rope import apply_rope
+from maxlm.model.lora import LoraSpec
 
 
 def attention_impl(cfg: ModelConfig, dtype: jnp.dtype) -> str:
@@ -46,6 +47,7 @@ class Attention(nn.Module):
     """GQA (Ainslie et al. 2023): N query heads share K key/value heads, N % K == 0."""
 
     cfg: ModelConfig
+    lora: LoraSpec | None = None  # adapters on the projections it selects (maxlm.model.lora)
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array, segment_ids_BT: jax.Array, positions_BT: jax.Array) -> jax.Array:

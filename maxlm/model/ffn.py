@@ -1,6 +1,6 @@
 """Feed-forward blocks that plug into the decoder layer, looked up by `model.ffn`.
 
-A block is a Linen module class built as `Block(cfg, name=...)` and called on `x_BTD`, returning `y_BTD`. Blocks
+A block is a Linen module class built as `Block(cfg, lora=..., name=...)` and called on `x_BTD`, returning `y_BTD`. Blocks
 that have auxiliary losses (the MoE router) `sow` them, already scaled by their coefficients, into the `aux`
 collection; the train step sums them. Statistics that are only logged go to another collection (`moe`).
 """
@@ -12,6 +12,7 @@ import jax
 
 from maxlm.config import ModelConfig
 from maxlm.model.layers import swiglu
+from maxlm.model.lora import LoraSpec
 from maxlm.model.moe import MoE
 
 
@@ -19,6 +20,7 @@ class MLP(nn.Module):
     """SwiGLU (Shazeer 2020): down(silu(x W_gate) * (x W_up))."""
 
     cfg: ModelConfig
+    lora: LoraSpec | None = None
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array) -> jax.Array:

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from maxlm.config import ModelConfig
 from maxlm.model.precision import resolve_dtype
+from maxlm.model.lora import adapter_delta
 
 Names = tuple[str | None, ...]
 Initializer = Callable[..., jax.Array]
@@ -30,12 +31,18 @@ def project(module: nn.Module, name: str, x: jax.Array, eq: str, shape: tuple[in
     """A weight projection: declares the weight `name` (logical axes `names`, `model.init_std` normal init, stored
     in `param_dtype`), casts it to the compute dtype and contracts it with `x` by the einsum `eq`.
 
-    Every dense projection of the decoder (q, k, v, o, gate, up, down, shared experts) goes through here, so an
-    adapter (LoRA) that adds a low-rank term to chosen projections wraps this one function.
+    Every dense projection of the decoder (q, k, v, o, gate, up, down, shared experts) goes through here, so the
+    LoRA adapters (maxlm.model.lora) are added in this one place: when the module's `lora` spec selects the weight
+    (by its path, e.g. `layers/attn/q`), a low-rank term s * x A B is added to the output.
     """
     c = module.cfg
+    dtype = compute_dtype(c)
     w = param(module, name, nn.initializers.normal(c.init_std), shape, names, jnp.dtype(c.param_dtype))
-    return jnp.einsum(eq, x, w.astype(compute_dtype(c)))
+    y = jnp.einsum(eq, x, w.astype(dtype))
+    spec = getattr(module, "lora", None)
+    if spec is not None and spec.selects("/".join(module.path + (name,))):
+        y = y + adapter_delta(module, name, x, eq, shape, names, spec, dtype).astype(y.dtype)
+    return y
 
 
 def constrain(x: jax.Array, names: Names) -> jax.Array:

@@ -32,6 +32,7 @@ from jax.sharding import PartitionSpec as P
 from maxlm.config import ModelConfig
 from maxlm.model.grouped_matmul import blocked_grouped_matmul, block_rows, tiled_grouped_matmul, tile_rows
 from maxlm.model.layers import compute_dtype, constrain, param, swiglu
+from maxlm.model.lora import LoraSpec
 from maxlm.model.stack import layer_path
 
 Axes = tuple[str, ...]
@@ -344,6 +345,7 @@ class MoE(nn.Module):
     """
 
     cfg: ModelConfig
+    lora: LoraSpec | None = None  # adapters on the shared experts (routed experts are not adapted)
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array) -> jax.Array:

@@ -13,6 +13,7 @@ from maxlm.model.attention import Attention
 from maxlm.model.ffn import FFN_BLOCKS
 from maxlm.model.heads import logits_from_hidden
 from maxlm.model.layers import Embed, RMSNorm, constrain, param
+from maxlm.model.lora import DROPOUT_RNG, LoraSpec
 from maxlm.model.remat import REMAT_POLICIES
 from maxlm.model.stack import layer_groups, layer_kinds
 
@@ -21,15 +22,16 @@ class DecoderLayer(nn.Module):
 
     cfg: ModelConfig
     ffn: str = "mlp"
+    lora: LoraSpec | None = None
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array, segment_ids_BT: jax.Array, positions_BT: jax.Array
                  ) -> tuple[jax.Array, None]:
         c = self.cfg
         h_BTD = RMSNorm(c, name="attn_norm")(x_BTD)
-        x_BTD = x_BTD + Attention(c, name="attn")(h_BTD, segment_ids_BT, positions_BT)
+        x_BTD = x_BTD + Attention(c, lora=self.lora, name="attn")(h_BTD, segment_ids_BT, positions_BT)
         h_BTD = RMSNorm(c, name="ffn_norm")(x_BTD)
-        x_BTD = x_BTD + FFN_BLOCKS[self.ffn](c, name=self.ffn)(h_BTD)
+        x_BTD = x_BTD + FFN_BLOCKS[self.ffn](c, lora=self.lora, name=self.ffn)(h_BTD)
         return constrain(x_BTD, ("act_batch", "act_length", "act_embed")), None
 
 
@@ -39,21 +41,24 @@ class LayerBlock(nn.Module):
 
     cfg: ModelConfig
     pattern: tuple[str, ...]
+    lora: LoraSpec | None = None
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array, segment_ids_BT: jax.Array, positions_BT: jax.Array
                  ) -> tuple[jax.Array, None]:
         for j, ffn in enumerate(self.pattern):
-            x_BTD, _ = DecoderLayer(self.cfg, ffn, name=f"sub{j}")(x_BTD, segment_ids_BT, positions_BT)
+            x_BTD, _ = DecoderLayer(self.cfg, ffn, self.lora, name=f"sub{j}")(x_BTD, segment_ids_BT, positions_BT)
         return x_BTD, None
 
 
 class Decoder(nn.Module):
     """Llama-family decoder. Input ids and packing metadata -> float32 logits over the vocabulary, or with
     `hidden_only` the final-normed hidden states, so other heads (a scalar reward head, chunked log-probs through
-    `maxlm.model.heads.lm_logits`) attach beside the LM head without touching the decoder."""
+    `maxlm.model.heads.lm_logits`) attach beside the LM head without touching the decoder. With a `lora` spec the
+    selected projections carry adapters (maxlm.model.lora); embeddings, norms and the LM head never do."""
 
     cfg: ModelConfig
+    lora: LoraSpec | None = None
 
     @nn.compact
     def __call__(self, ids_BT: jax.Array, segment_ids_BT: jax.Array | None = None,
@@ -80,13 +85,13 @@ class Decoder(nn.Module):
                 single = len(g.pattern) == 1
                 unit = rematted(DecoderLayer if single else LayerBlock)
                 stack = nn.scan(unit, variable_axes={"params": 0, "aux": 0, "moe": 0},
-                                split_rngs={"params": True, "router": True}, in_axes=(nn.broadcast, nn.broadcast),
+                                split_rngs={"params": True, "router": True, DROPOUT_RNG: True}, in_axes=(nn.broadcast, nn.broadcast),
                                 length=g.repeats, metadata_params={nn.PARTITION_NAME: "layers"})
-                x_BTD, _ = stack(c, g.pattern[0] if single else g.pattern, name=g.name)(
+                x_BTD, _ = stack(c, g.pattern[0] if single else g.pattern, self.lora, name=g.name)(
                     x_BTD, segment_ids_BT, positions_BT)
         else:
             for i, ffn in enumerate(layer_kinds(c)):
-                x_BTD, _ = rematted(DecoderLayer)(c, ffn, name=f"layers_{i}")(x_BTD, segment_ids_BT, positions_BT)
+                x_BTD, _ = rematted(DecoderLayer)(c, ffn, self.lora, name=f"layers_{i}")(x_BTD, segment_ids_BT, positions_BT)
 
         x_BTD = RMSNorm(c, name="final_norm")(x_BTD)
         if hidden_only:
@@ -98,9 +103,9 @@ class Decoder(nn.Module):
         return logits_from_hidden(c, x_BTD, w_DV)
 
 
-def abstract_params(cfg: ModelConfig, seq_len: int = 8) -> Any:
-    """Boxed (logically partitioned) parameter shapes, without allocating anything."""
-    model = Decoder(cfg)
+def abstract_params(cfg: ModelConfig, seq_len: int = 8, lora: LoraSpec | None = None) -> Any:
+    """Boxed (logically partitioned) parameter shapes, without allocating anything (with `lora`: adapters too)."""
+    model = Decoder(cfg, lora=lora)
     ids = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
     return jax.eval_shape(lambda r, x: model.init(r, x), jax.random.key(0), ids)["params"]
 

@@ -22,11 +22,15 @@ from maxlm.config import Config, ConfigError, validate
 from maxlm.flops import HARDWARE, Hardware, detect_hardware, flops_per_token
 from maxlm.mesh import LogicalRules, build_mesh, logical_rules, process_rows
 from maxlm.model import Decoder
+from maxlm.model.lora import lora_spec
 from maxlm.model.moe import router_bias_update, uses_router_bias
 from maxlm.train.batch import abstract_batch, batch_shardings, global_batch
+from maxlm.checkpoint_format import read_meta
 from maxlm.train.checkpoint import Checkpointer, load_parameters
 from maxlm.train.evaluate import make_evaluator
 from maxlm.train.memory_guard import check_memory
+from maxlm.train.lora_state import LoraFrozen, check_base_pointer, init_lora_state, load_base, lora_layout, \
+    lora_loss
 from maxlm.train.objectives import OBJECTIVES, Objective
 from maxlm.train.optimizer import make_optimizer
 from maxlm.train.state import StateLayout, TrainState, init_state, init_state_from_params, state_layout
@@ -113,14 +117,22 @@ def build_core(cfg: Config, mesh: jax.sharding.Mesh | None = None, *, check_back
         check_memory(cfg, shape, hardware.hbm_bytes if hardware else None)
     mesh = mesh if mesh is not None else build_mesh(cfg)
     rules = logical_rules(cfg)
-    model = Decoder(cfg.model)
+    # With LoRA (maxlm.model.lora) the model carries adapters, the state trains only them and the loss sees the
+    # base joined back in (maxlm.train.lora_state); nothing else in the step changes.
+    spec = lora_spec(cfg)
+    model = Decoder(cfg.model, lora=spec)
     tx, schedule = make_optimizer(cfg)
     objective = OBJECTIVES[cfg.train.objective]
-    layout = state_layout(cfg, model, tx, mesh, rules)
+    loss = objective.make_loss(cfg, model)
+    if spec is not None:
+        layout, loss = lora_layout(cfg, model, tx, mesh, rules), lora_loss(loss)
+    else:
+        layout = state_layout(cfg, model, tx, mesh, rules)
     shardings = batch_shardings(objective.batch_type, mesh, rules)
-    hook = partial(router_bias_update, cfg.model) if uses_router_bias(cfg.model) else None
-    step_fn = make_train_step(objective.make_loss(cfg, model), tx, schedule, cfg.train.grad_accum, layout.shardings,
-                              shardings, mesh, rules, param_hook=hook)
+    # A LoRA base is frozen, router bias included: DeepSeek-V3 bias balancing is a pretraining mechanism.
+    hook = partial(router_bias_update, cfg.model) if uses_router_bias(cfg.model) and spec is None else None
+    step_fn = make_train_step(loss, tx, schedule, cfg.train.grad_accum, layout.shardings, shardings, mesh, rules,
+                              param_hook=hook)
     return Core(cfg=cfg, mesh=mesh, rules=rules, model=model, tx=tx, schedule=schedule, objective=objective,
                 layout=layout, batch_shardings=shardings, step_fn=step_fn)
 
@@ -131,6 +143,8 @@ def initial_state(core: Core) -> TrainState:
     if cfg.train.objective == "sft" and not cfg.load_parameters_from:
         log.warning("train.objective=sft from randomly initialised parameters; set load_parameters_from to a maxlm "
                     "checkpoint or a Hugging Face model directory to fine-tune a trained model")
+    if cfg.lora.enabled:
+        return init_lora_state(cfg, core.model, core.tx, core.layout, core.mesh, core.rules)
     if cfg.load_parameters_from:
         params = load_parameters(cfg.load_parameters_from, cfg, core.layout)
         return init_state_from_params(params, core.tx, core.layout, core.mesh, core.rules)
@@ -159,6 +173,10 @@ def build_run(cfg: Config, *, resume: bool = False) -> Run:
         raise
     if restored is not None:
         state, rng = restored.state, restored.rng
+        if cfg.lora.enabled:  # the checkpoint holds the adapters; the base comes back from where it points
+            step_dir = checkpointer.step_dir(restored.step)
+            check_base_pointer(cfg, read_meta(step_dir), f"checkpoint {step_dir}")
+            state = state.replace(frozen=LoraFrozen(base=load_base(cfg, core.layout, core.mesh, core.rules)))
         log.info("resumed from step %d in %s", restored.step, checkpointer.directory)
     else:
         state = initial_state(core)

@@ -367,9 +367,15 @@ def load_parameters(path: str, cfg: Config, layout: StateLayout) -> Any:
     Face model goes through `maxlm.convert`, which reads one layer tensor at a time. Shapes are checked against the
     config first; a mismatch is a one-line ConfigError naming both shapes.
     """
+    return load_parameters_onto(path, cfg, layout.abstract.params, layout.shardings.params)
+
+
+def load_parameters_onto(path: str, cfg: Config, abstract_params: Any, shardings: Any) -> Any:
+    """`load_parameters` for any tree of the model's parameters with their shardings (a LoRA run's frozen base
+    is not the state's `params`); dtypes are those of `abstract_params` (the base may be held in bfloat16)."""
     from maxlm.convert.hf import is_hf_dir, load_hf_params
 
-    abstract = _with_shardings(layout.abstract.params, layout.shardings.params)
+    abstract = _with_shardings(abstract_params, shardings)
     if is_hf_dir(path):
         return load_hf_params(path, cfg.model, abstract)
     step_dir, _ = resolve_step_dir(path)
@@ -379,7 +385,7 @@ def load_parameters(path: str, cfg: Config, layout: StateLayout) -> Any:
     except Exception as e:
         raise ConfigError(f"{where}: {step_dir} has unreadable metadata ({_short(e)}); give another step "
                           "directory") from None
-    wanted = tree_shapes(layout.abstract.params)
+    wanted = tree_shapes(abstract_params)
     if describe_mismatch("parameter", meta["params"], wanted, None, {}) is None:
         with ocp.StandardCheckpointer() as checkpointer:
             params = checkpointer.restore(str(epath.Path(step_dir) / ITEM_PARAMS), abstract)

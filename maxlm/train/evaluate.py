@@ -25,6 +25,7 @@ from jax.sharding import Mesh
 from maxlm.config import Config
 from maxlm.mesh import LogicalRules, mesh_context, process_rows, replicated
 from maxlm.train.batch import LmBatch, batch_shardings, global_batch, local_batch
+from maxlm.train.lora_state import model_params
 from maxlm.train.losses import make_pretrain_loss
 
 Evaluator = Callable[[Any], dict[str, float]]
@@ -67,7 +68,9 @@ def make_evaluator(cfg: Config, mesh: Mesh, rules: LogicalRules, model: Any) -> 
     batches = [(global_batch(LmBatch, vars(b), shardings),
                 float(np.sum(table[b.targets] * b.targets_weights)) if table is not None else 0.0) for b in typed]
     # Router jitter is training noise: without it (no "router" rng reaches the model) eval is deterministic.
-    no_jitter = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, router_jitter=0.0))
+    # LoRA dropout likewise (its rng is only passed when lora.dropout > 0).
+    no_jitter = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, router_jitter=0.0),
+                                    lora=dataclasses.replace(cfg.lora, dropout=0.0))
     loss_fn = make_pretrain_loss(no_jitter, model)
 
     def score(params: Any, batch: LmBatch) -> dict[str, jax.Array]:
@@ -77,7 +80,7 @@ def make_evaluator(cfg: Config, mesh: Mesh, rules: LogicalRules, model: Any) -> 
     scored = jax.jit(score, out_shardings=replicated(mesh))
 
     def evaluate(state_or_params: Any) -> dict[str, float]:
-        params = getattr(state_or_params, "params", state_or_params)  # a TrainState or its params
+        params = model_params(state_or_params)  # a TrainState (LoRA: base and adapters joined) or params
         with mesh_context(mesh, rules):
             parts = [scored(params, b) for b, _ in batches]
         total = jax.device_get(jax.tree_util.tree_map(lambda *x: sum(x), *parts))

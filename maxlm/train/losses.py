@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from maxlm.config import Config, ModelConfig
+from maxlm.model.lora import DROPOUT_RNG
 from maxlm.model.moe import uses_router_bias
 from maxlm.model.stack import layer_subtree
 from maxlm.train.batch import LmBatch
@@ -101,8 +102,10 @@ def apply_model(cfg: Config, model: nn.Module, params: Any, ids_BT: jax.Array, s
                 ) -> tuple[jax.Array, jax.Array, Metrics]:
     """The decoder on token rows: (logits, or final hidden states with `hidden_only`; the sum of its sown auxiliary
     losses; its MoE metrics, with `stats` for the bias update when it has any). `rng` drives router jitter (the only
-    randomness in the decoder); every objective built on the decoder shares this one call."""
+    randomness in the decoder besides LoRA dropout); every objective built on the decoder shares this one call."""
     rngs = {"router": rng} if cfg.model.ffn == "moe" and cfg.model.router_jitter > 0 else {}
+    if cfg.lora.enabled and cfg.lora.dropout > 0:  # adapter dropout (maxlm.model.lora), training only
+        rngs[DROPOUT_RNG] = jax.random.fold_in(rng, 1)
     out, state = model.apply({"params": params}, ids_BT, segment_ids_BT, positions_BT, hidden_only=hidden_only,
                              mutable=["aux", "moe"], rngs=rngs)
     aux, moe = state.get("aux", {}), state.get("moe", {})

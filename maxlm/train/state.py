@@ -43,7 +43,8 @@ class StateLayout:
     shardings: TrainState  # NamedShardings
 
 
-def _init_params(model: Decoder, rng: jax.Array, seq_len: int) -> Any:
+def init_params(model: Decoder, rng: jax.Array, seq_len: int) -> Any:
+    """The model's boxed (logically partitioned) parameters from `model.init` on a short dummy row."""
     ids = jnp.zeros((1, min(seq_len, 8)), jnp.int32)
     return model.init(rng, ids)["params"]
 
@@ -59,9 +60,11 @@ def sharded_layout(boxed: Any, mesh: Mesh, rules: LogicalRules) -> tuple[Any, An
 
 
 def state_layout(cfg: Config, model: Decoder, tx: optax.GradientTransformation, mesh: Mesh,
-                 rules: LogicalRules, frozen: Any = None) -> StateLayout:
-    """The train state's layout; `frozen` is the boxed abstract tree of the state's frozen part (or None)."""
-    boxed = jax.eval_shape(lambda r: _init_params(model, r, cfg.data.seq_len), jax.random.key(0))
+                 rules: LogicalRules, frozen: Any = None, params: Any = None) -> StateLayout:
+    """The train state's layout; `frozen` is the boxed abstract tree of the state's frozen part (or None) and
+    `params` the boxed abstract trainable tree (default: all of the model's parameters; LoRA: the adapters)."""
+    boxed = params if params is not None else jax.eval_shape(lambda r: init_params(model, r, cfg.data.seq_len),
+                                                             jax.random.key(0))
     abstract_params, logical, param_sh = sharded_layout(boxed, mesh, rules)
     frozen_abstract, _, frozen_sh = sharded_layout(frozen, mesh, rules) if frozen is not None else (None, None, None)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
@@ -80,7 +83,7 @@ def init_state(cfg: Config, model: Decoder, tx: optax.GradientTransformation, la
     `frozen` (already sharded, or None) is placed into the state as it is."""
 
     def init(r: jax.Array) -> TrainState:
-        params = nn.unbox(_init_params(model, r, cfg.data.seq_len))
+        params = nn.unbox(init_params(model, r, cfg.data.seq_len))
         return _fresh_state(params, tx)
 
     with mesh_context(mesh, rules):
