@@ -155,12 +155,12 @@ class PeftUnitSource:
     def check_unit(self, unit: Unit, shape: tuple[int, ...]) -> None:
         key = self.keys[unit]
         if key not in self.available:
-            raise ConfigError(f"the PEFT adapter {self.path} has no {key} (maxlm's {unit_name(unit)}); set lora.targets "
+            raise ConfigError(f"the adapter has no {key} (maxlm's {unit_name(unit)}); set lora.targets "
                               "to the modules it adapts (its adapter_config.json target_modules)")
         have = tuple(self.file.get_slice(key).get_shape())
         want = to_peft(unit[1], np.zeros(shape, np.float32)).shape
         if have != want:
-            raise ConfigError(f"the PEFT adapter {self.path}: {key} has shape {have} but this model and lora.rank need "
+            raise ConfigError(f"{key} has shape {have} but this model and lora.rank need "
                               f"{want} (is it an adapter for this base model?)")
 
     def read_unit(self, unit: Unit, shape: tuple[int, ...]) -> np.ndarray:
@@ -186,6 +186,11 @@ def load_peft_adapters(path: str, cfg: Config, abstract: Any) -> Any:
     spec = LoraSpec(rank=lo.rank, alpha=float(lo.alpha), targets=tuple(lo.targets), rslora=lo.rslora)
     units = _units(cfg.model, spec, architecture_for(cfg.model))
     source = PeftUnitSource(path, units)
+    for _, _, unit, _, shape in units:  # shapes first: an adapter for another base says so
+        try:
+            source.check_unit(unit, shape)
+        except ConfigError as e:
+            raise ConfigError(f"lora.load_adapter_from={path}: {e}") from None
     extra = sorted(source.available - set(source.keys.values()))
     if extra:
         raise ConfigError(f"lora.load_adapter_from={path} adapts {len(extra)} tensor(s) this run's lora.targets do not, "
