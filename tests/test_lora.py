@@ -90,28 +90,29 @@ def test_only_adapters_train_and_merging_keeps_the_function(core_state) -> None:
     np.testing.assert_allclose(merged, unmerged, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_same_losses_on_several_meshes_and_exact_resume(tmp_path) -> None:
     losses = {}
     for d, f, t in [(2, 2, 2), (1, 8, 1), (8, 1, 1)]:
         cfg = tiny_config(*LORA, "lora.dropout=0.1", f"mesh.data={d}", f"mesh.fsdp={f}", f"mesh.tensor={t}",
-                          "train.steps=4", "train.log_every=1", "checkpoint.every=2", f"run_dir={tmp_path}/{d}{f}{t}")
+                          "train.steps=3", "train.log_every=1", "checkpoint.every=2", f"run_dir={tmp_path}/{d}{f}{t}")
         losses[(d, f, t)] = [loss for _, loss in train(cfg, progress=False)["losses"]]
     ref = losses[(2, 2, 2)]
     for mesh, got in losses.items():
         np.testing.assert_allclose(got, ref, rtol=1e-5, err_msg=f"mesh {mesh}")
     # The checkpoint holds adapters + their optimizer state + a pointer to the base; resuming from step 2
-    # reproduces steps 3 and 4 exactly.
+    # reproduces step 3 exactly.
     run = tmp_path / "222"
-    meta = json.loads((run / "checkpoints" / "4" / "meta" / "metadata").read_text())
+    meta = json.loads((run / "checkpoints" / "3" / "meta" / "metadata").read_text())
     assert meta["lora"]["base"] is None and meta["lora"]["init_seed"] == 0
     assert all(k.endswith((A_SUFFIX, B_SUFFIX)) for k in meta["params"])
     before = [(r["step"], r["loss"]) for r in read_metrics(str(run))]
-    shutil.rmtree(run / "checkpoints" / "4")
-    cfg = tiny_config(*LORA, "lora.dropout=0.1", "train.steps=4", "train.log_every=1", "checkpoint.every=2",
+    shutil.rmtree(run / "checkpoints" / "3")
+    cfg = tiny_config(*LORA, "lora.dropout=0.1", "train.steps=3", "train.log_every=1", "checkpoint.every=2",
                       f"run_dir={run}")
     assert train(cfg, progress=False)["resumed_from"] == 2
     assert [(r["step"], r["loss"]) for r in read_metrics(str(run))] == before
-    other = tiny_config(*LORA, "lora.base_dtype=bfloat16", "train.steps=6", f"run_dir={run}")
+    other = tiny_config(*LORA, "lora.base_dtype=bfloat16", "train.steps=5", f"run_dir={run}")
     with pytest.raises(Exception, match="base_dtype='float32' but this config gives 'bfloat16'"):
         train(other, progress=False)
 
@@ -136,3 +137,25 @@ def test_inspect_reports_trainable_params_and_optimizer_bytes(capsys) -> None:
     per_layer = 4 * ((64 + 64) + (64 + 32) * 2 + (64 + 64) + (64 + 128) * 2 + (128 + 64))
     assert lo["trainable_params"] == 2 * per_layer
     assert lo["bytes_per_device"]["optimizer"] < report["bytes_per_device"]["optimizer"] / 3
+
+
+def test_base_as_the_objectives_frozen_tree_is_the_same_arrays(core_state) -> None:
+    """`lora_loss(..., base_is_reference=True)` hands the objective the base itself as its frozen tree (a DPO
+    reference without a second copy), and the plain model on that tree computes the base model."""
+    from maxlm.train.lora_state import lora_loss
+
+    cfg, core, state = core_state
+    seen = {}
+
+    def inner(params, batch, rng, frozen):
+        seen["params"], seen["frozen"] = params, frozen
+        return jnp.zeros(()), {}
+
+    lora_loss(inner, base_is_reference=True)(state.params, None, None, state.frozen)
+    assert seen["frozen"] is state.frozen.base
+    assert seen["params"]["layers"]["attn"]["q"] is state.frozen.base["layers"]["attn"]["q"]
+    lora_loss(inner)(state.params, None, None, state.frozen)
+    assert seen["frozen"] is None
+    # The adapted model itself, applied to the base tree (no adapter leaves), is the base model.
+    base = jax.device_get(state.frozen.base)
+    np.testing.assert_array_equal(logits(cfg.model, base, lora=core.model.lora), logits(cfg.model, base))

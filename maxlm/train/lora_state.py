@@ -83,12 +83,17 @@ def lora_layout(cfg: Config, model: Decoder, tx: Any, mesh: jax.sharding.Mesh, r
                         params=adapters)
 
 
-def lora_loss(inner: LossFn) -> LossFn:
+def lora_loss(inner: LossFn, base_is_reference: bool = False) -> LossFn:
     """Wraps an objective's loss: gradients are taken with respect to the adapters only (the step
-    differentiates `params`), the base reaches the model through the joined tree and never gets a gradient."""
+    differentiates `params`), the base reaches the model through the joined tree and never gets a gradient.
+
+    With `base_is_reference` the objective's frozen tree is the base itself (the plain model's tree: no adapter
+    leaves, so the decoder runs without them), i.e. a DPO reference that costs no second copy of the weights
+    (TRL disables the adapter for the reference pass; Tunix shares the backbone)."""
 
     def loss_fn(adapters: Any, batch: Any, rng: jax.Array, frozen: LoraFrozen) -> tuple[jax.Array, Any]:
-        return inner(join(frozen.base, adapters), batch, rng, frozen.objective)
+        objective_frozen = frozen.base if base_is_reference else frozen.objective
+        return inner(join(frozen.base, adapters), batch, rng, objective_frozen)
 
     return loss_fn
 
