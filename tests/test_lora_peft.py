@@ -17,7 +17,7 @@ import pytest
 
 from helpers import tiny_config
 from maxlm.cli import main as cli_main
-from maxlm.convert.hf import model_config_from_hf
+from maxlm.convert.families import model_config_from_hf
 from maxlm.train.builder import build_core, initial_state
 from maxlm.train.lora_state import model_params
 from maxlm.train.loop import train

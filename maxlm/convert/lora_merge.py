@@ -54,7 +54,8 @@ class InitUnitSource:
 
 
 def _base_source(pointer: dict[str, Any], cfg: ModelConfig) -> Any:
-    from maxlm.convert.hf import HFUnitSource, architecture_of, is_hf_dir, read_hf_config
+    from maxlm.convert.families import architecture_of, read_hf_config
+    from maxlm.convert.hf import HFUnitSource, is_hf_dir
 
     base = pointer.get("base")
     if base is None:

@@ -112,7 +112,7 @@ def target_modules(keys: list[str], n_layers: int) -> list[str]:
 def export_peft(checkpoint: str, out_dir: str) -> str:
     """A maxlm LoRA checkpoint (run dir, checkpoint dir or step) -> a PEFT adapter directory for the Hugging Face
     export of its base model (`maxlm convert to-hf` of the base, or the HF directory it was trained from)."""
-    from maxlm.convert.hf import architecture_for
+    from maxlm.convert.families import architecture_for
     from safetensors.numpy import save_file
 
     step_dir, _ = resolve_step_dir(checkpoint)
@@ -170,7 +170,7 @@ class PeftUnitSource:
 def load_peft_adapters(path: str, cfg: Config, abstract: Any) -> Any:
     """The adapters of a PEFT directory onto `abstract` (ShapeDtypeStructs with shardings of the run's adapters).
     r, alpha and rsLoRA must equal the run's `lora.*`; every tensor's shape is checked before any is read."""
-    from maxlm.convert.hf import architecture_for
+    from maxlm.convert.families import architecture_for
 
     with open(os.path.join(path, ADAPTER_CONFIG)) as f:
         pc = json.load(f)
