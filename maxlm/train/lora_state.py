@@ -23,7 +23,7 @@ from maxlm.checkpoint_format import ITEM_PARAMS, lora_base_pointer, read_meta, r
 from maxlm.config import Config, ConfigError
 from maxlm.mesh import LogicalRules, mesh_context
 from maxlm.model import Decoder
-from maxlm.model.lora import A_SUFFIX, PROJECTION_NAMES, LoraSpec, base_name, join, lora_spec, split_adapters
+from maxlm.model.lora import A_SUFFIX, PROJECTION_NAMES, LoraSpec, base_name, join, split_adapters
 from maxlm.train.losses import LossFn
 from maxlm.train.state import StateLayout, TrainState, init_params, init_state_from_params, state_layout
 from maxlm.treepath import path_parts
