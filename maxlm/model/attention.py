@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from maxlm.config import ModelConfig
+from maxlm.model import kv_cache
 from maxlm.model.layers import RMSNorm, compute_dtype, constrain, param, project
 from maxlm.model.rope import apply_rope
 from maxlm.model.lora import LoraSpec
@@ -44,13 +45,19 @@ def _bias(module: nn.Module, name: str, shape: tuple[int, int], heads_axis: str,
 
 
 class Attention(nn.Module):
-    """GQA (Ainslie et al. 2023): N query heads share K key/value heads, N % K == 0."""
+    """GQA (Ainslie et al. 2023): N query heads share K key/value heads, N % K == 0.
+
+    With `cache` (decoding, maxlm/model/kv_cache.py) the new keys/values are written into the layer's buffers at
+    their positions, the queries attend over the whole buffer with the cache's causal mask, and the call returns
+    (out_BTD, updated cache); without it, out_BTD over the packed batch as in training.
+    """
 
     cfg: ModelConfig
     lora: LoraSpec | None = None  # adapters on the projections it selects (maxlm.model.lora)
 
     @nn.compact
-    def __call__(self, x_BTD: jax.Array, segment_ids_BT: jax.Array, positions_BT: jax.Array) -> jax.Array:
+    def __call__(self, x_BTD: jax.Array, segment_ids_BT: jax.Array, positions_BT: jax.Array,
+                 cache: kv_cache.LayerKV | None = None) -> jax.Array | tuple[jax.Array, kv_cache.LayerKV]:
         c = self.cfg
         D, N, K = c.d_model, c.n_heads, c.n_kv_heads
         H = c.head_dim_resolved
@@ -70,9 +77,14 @@ class Attention(nn.Module):
         k_BTKH = constrain(apply_rope(k_BTKH, positions_BT, c), ("act_batch", "act_length", "act_kv_heads", None))
         v_BTKH = constrain(v_BTKH, ("act_batch", "act_length", "act_kv_heads", None))
 
-        mask_B1TS = attention_mask(segment_ids_BT, segment_ids_BT, positions_BT, positions_BT, c.sliding_window)
-        out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask_B1TS, is_causal=True,
-                                                implementation=attention_impl(c, dtype))
+        if cache is None:
+            mask_B1TS = attention_mask(segment_ids_BT, segment_ids_BT, positions_BT, positions_BT, c.sliding_window)
+            out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask_B1TS, is_causal=True,
+                                                    implementation=attention_impl(c, dtype))
+        else:
+            cache = kv_cache.write(cache, k_BTKH, v_BTKH, positions_BT)
+            out_BTNH = kv_cache.attend(q_BTNH, cache, positions_BT, c.sliding_window)
         out_BTNH = constrain(out_BTNH, ("act_batch", "act_length", "act_heads", None))
         out_BTD = project(self, "o", out_BTNH, "btnh,nhd->btd", (N, H, D), ("heads", "head_dim", "embed"))
-        return constrain(out_BTD, ("act_batch", "act_length", "act_embed"))
+        out_BTD = constrain(out_BTD, ("act_batch", "act_length", "act_embed"))
+        return out_BTD if cache is None else (out_BTD, cache)
