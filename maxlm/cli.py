@@ -135,6 +135,7 @@ DELEGATED: dict[str, Callable[[list[str]], int]] = {
     "bench-data": _delegate("maxlm.data.cli", "bench_main"),
     "launch": _delegate("maxlm.launch.cli"),
     "compile": _delegate("maxlm.compile.cli"),
+    "generate": _delegate("maxlm.generate.cli"),
 }
 
 
@@ -182,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("launch", help="several processes on this machine: `maxlm launch local --processes N "
                    "--devices-per-process M CONFIG`", add_help=False)
     sub.add_parser("bench-data", help="input-pipeline throughput (see `maxlm bench-data --help`)", add_help=False)
+    sub.add_parser("generate", help="complete prompts with a KV cache (see `maxlm generate --help`)", add_help=False)
     return p
 
 

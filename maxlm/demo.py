@@ -22,7 +22,7 @@ def stdlib_glob() -> str:
 
 def run_demo(overrides: list[str], progress: bool = True) -> int:
     from maxlm.data.tokenizer import load_tokenizer, train_tokenizer
-    from maxlm.generate import generate
+    from maxlm.generate import Engine, Request
     from maxlm.train.loop import train
 
     cfg = load_config(resolve_config_path("stdlib_demo"), ["data.path=" + stdlib_glob(), "data.tokenizer=",
@@ -43,9 +43,11 @@ def run_demo(overrides: list[str], progress: bool = True) -> int:
     ids = tok.encode(PROMPT)
     if cfg.data.add_bos:
         ids = [tok.bos_id] + ids
-    out = generate(run.model, run.state.params, ids, 48, mesh=run.mesh, rules=run.rules, eos_id=tok.eos_id)
-    print("[3/4] greedy continuation:")
-    print(PROMPT + tok.decode(out))
+    engine = Engine(cfg.model, run.state.params, run.mesh, run.rules, eos_ids=[tok.eos_id],
+                    max_length=cfg.data.seq_len, decode_text=tok.decode)
+    (out,) = engine.generate([Request(ids, 48)])
+    print("[3/4] greedy continuation (KV-cached decoding, maxlm.generate):")
+    print(PROMPT + out.text)
     from maxlm.demo_sft import run_sft_stage
 
     return run_sft_stage(cfg, tok_path, overrides, progress)

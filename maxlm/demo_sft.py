@@ -84,7 +84,7 @@ def run_sft_stage(pre: Config, tok_path: str, overrides: list[str], progress: bo
     from maxlm.data.chat_template import resolve_chat_template
     from maxlm.data.sft_pipeline import is_held_out
     from maxlm.data.tokenizer import load_tokenizer
-    from maxlm.generate import generate
+    from maxlm.generate import Engine, Request
     from maxlm.train.loop import train
 
     pairs = os.path.join(pre.run_dir, "sft_pairs.jsonl")
@@ -107,9 +107,10 @@ def run_sft_stage(pre: Config, tok_path: str, overrides: list[str], progress: bo
     question = held["messages"][:1]
     ids, _ = tok.encode_with_offsets(template.render(question, add_generation_prompt=True))
     run = summary["run"]
-    out = generate(run.model, run.state.params, ids, 64, mesh=run.mesh, rules=run.rules,
-                   eos_id=tok.token_id(CHATML_END_OF_TURN))
+    engine = Engine(cfg.model, run.state.params, run.mesh, run.rules, eos_ids=[tok.token_id(CHATML_END_OF_TURN)],
+                    max_length=cfg.data.seq_len, decode_text=tok.decode)
+    (out,) = engine.generate([Request(ids, 64)])
     print("held-out instruction:\n" + question[0]["content"])
-    print("model's answer:\n" + tok.decode([i for i in out if i != tok.token_id(CHATML_END_OF_TURN)]))
+    print("model's answer:\n" + out.text)
     print("reference body:\n" + held["messages"][1]["content"])
     return 0

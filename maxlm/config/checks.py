@@ -10,6 +10,7 @@ from maxlm.config.data_spec import check_data_config
 from maxlm.config.model_checks import check_model_options
 from maxlm.config.range_checks import check_ranges
 from maxlm.config.lora_checks import check_lora
+from maxlm.config.generate_checks import check_generate
 from maxlm.config.schema import FFN_NAMES, MESH_AXES, OBJECTIVE_NAMES, REMAT_NAMES, Config, ConfigError, \
     MeshConfig, ModelConfig
 
@@ -42,6 +43,7 @@ def check_static(cfg: Config) -> None:
     check_checkpoint(cfg)
     check_ranges(cfg)
     check_lora(cfg)
+    check_generate(cfg.generate)
     for key, val in [("model.vocab_size", m.vocab_size), ("model.d_model", m.d_model), ("model.n_layers", m.n_layers),
                      ("model.n_heads", m.n_heads), ("model.n_kv_heads", m.n_kv_heads), ("model.ffn_dim", m.ffn_dim),
                      ("data.seq_len", d.seq_len), ("train.global_batch_size", t.global_batch_size),

@@ -252,6 +252,24 @@ class TrainConfig:
 
 
 @dataclass
+class GenerateConfig:
+    """Decoding (`maxlm generate`, `maxlm eval`): the context, batching and the defaults of the sampling flags."""
+
+    max_length: int = 0  # prompt + completion tokens at most; 0: data.seq_len
+    batch_size: int = 32  # prompts decoded together (rounded up to a multiple of the data-parallel size)
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    min_p: float = 0.0  # 0: off
+    seed: int = 0  # sampling seed: a prompt's is generate.seed + its index, unless its line sets "seed"
+    stop: list = field(default_factory=list)  # strings that end a completion
+
+    def resolved_max_length(self, seq_len: int) -> int:
+        return self.max_length or seq_len
+
+
+@dataclass
 class Config:
     """The whole resolved configuration of one run."""
 
@@ -265,6 +283,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
 
     # ---- derived values: computed here and nowhere else ----
     @property

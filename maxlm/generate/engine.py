@@ -81,6 +81,21 @@ def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
     return max(minimum, 1 << max(n - 1, 0).bit_length())
 
 
+def check_requests(requests: Sequence[Request], max_length: int, vocab_size: int) -> None:
+    """Every request fits the context and the vocabulary: one line naming the first that does not."""
+    for i, r in enumerate(requests):
+        if not r.prompt_ids:
+            raise ConfigError(f"prompt {i} is empty; give at least one token")
+        if len(r.prompt_ids) >= max_length:
+            raise ConfigError(f"prompt {i} has {len(r.prompt_ids)} tokens, too long for the context of {max_length} "
+                              f"tokens (generate.max_length, 0: data.seq_len), which must leave room for one more")
+        if r.max_new_tokens < 1:
+            raise ConfigError(f"prompt {i}: max_new_tokens must be >= 1, got {r.max_new_tokens}")
+        bad = [t for t in r.prompt_ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ConfigError(f"prompt {i}: token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+
+
 class Engine:
     """Generates completions for requests with the given parameters (already on their shards)."""
 
@@ -108,12 +123,8 @@ class Engine:
     # ------------------------------------------------------------------------------------------------------
     # Device side
 
-    def _choose(self, logits_BV: jax.Array, rows: RowSampling, which: Warpers, count_B: jax.Array
-                ) -> jax.Array:
-        return next_tokens(logits_BV, rows, which, count_B)
-
     def _prefill_fn(self, params: Any, ids_BP: jax.Array, lengths_B: jax.Array, max_new_B: jax.Array,
-                    rows: RowSampling, *, which: Warpers, cache_len: int) -> DecodeState:
+                    rows: RowSampling, eos_E: jax.Array, *, which: Warpers, cache_len: int) -> DecodeState:
         B, T = ids_BP.shape
         n_buf = cache_len - T
         cache = init_cache(self.cfg, B, cache_len, compute_dtype(self.cfg))
@@ -124,14 +135,14 @@ class Engine:
         x_B1D = jnp.take_along_axis(x_BPD, (lengths_B - 1)[:, None, None], axis=1)
         logits_BV = lm_logits(self.cfg, params, x_B1D)[:, 0]
         zero_B = jnp.zeros((B,), jnp.int32)
-        tok_B = self._choose(logits_BV, rows, which, zero_B)
+        tok_B = next_tokens(logits_BV, rows, which, zero_B)
         tokens_BN = jnp.zeros((B, n_buf), jnp.int32).at[:, 0].set(tok_B)
-        done_B = jnp.isin(tok_B, self.eos_E) | (max_new_B <= 1)
+        done_B = jnp.isin(tok_B, eos_E) | (max_new_B <= 1)
         return DecodeState(cache=cache, last_B=tok_B, pos_B=lengths_B, tokens_BN=tokens_BN, count_B=zero_B + 1,
                            done_B=done_B)
 
     def _decode_fn(self, params: Any, state: DecodeState, max_new_B: jax.Array, rows: RowSampling,
-                   stop_B: jax.Array, steps: jax.Array, *, which: Warpers) -> DecodeState:
+                   eos_E: jax.Array, stop_B: jax.Array, steps: jax.Array, *, which: Warpers) -> DecodeState:
         state = state.replace(done_B=state.done_B | stop_B)
         B, N = state.tokens_BN.shape
         row_B = jnp.arange(B)
@@ -144,12 +155,12 @@ class Engine:
             i, s = carry
             logits_B1V, cache = self.model.apply({"params": params}, s.last_B[:, None], jnp.ones((B, 1), jnp.int32),
                                                  s.pos_B[:, None], cache=s.cache)
-            tok_B = self._choose(logits_B1V[:, 0], rows, which, s.count_B)
+            tok_B = next_tokens(logits_B1V[:, 0], rows, which, s.count_B)
             active_B = ~s.done_B
             # Finished rows keep stepping (the batch moves together) but write nothing: their index is dropped.
             tokens_BN = s.tokens_BN.at[row_B, jnp.where(active_B, s.count_B, N)].set(tok_B, mode="drop")
             count_B = s.count_B + active_B
-            done_B = s.done_B | (active_B & (jnp.isin(tok_B, self.eos_E) | (count_B >= max_new_B)))
+            done_B = s.done_B | (active_B & (jnp.isin(tok_B, eos_E) | (count_B >= max_new_B)))
             return i + 1, DecodeState(cache=cache, last_B=tok_B, pos_B=s.pos_B + 1, tokens_BN=tokens_BN,
                                       count_B=count_B, done_B=done_B)
 
@@ -160,19 +171,7 @@ class Engine:
     # Host side
 
     def check(self, requests: Sequence[Request]) -> None:
-        """Every request fits the context: one line naming the first that does not."""
-        for i, r in enumerate(requests):
-            if not r.prompt_ids:
-                raise ConfigError(f"prompt {i} is empty; give at least one token")
-            if len(r.prompt_ids) >= self.max_length:
-                raise ConfigError(f"prompt {i} has {len(r.prompt_ids)} tokens, longer than the context of "
-                                  f"{self.max_length} (generate.max_length) minus one token to generate")
-            if r.max_new_tokens < 1:
-                raise ConfigError(f"prompt {i}: max_new_tokens must be >= 1, got {r.max_new_tokens}")
-            bad = [t for t in r.prompt_ids if not 0 <= t < self.cfg.vocab_size]
-            if bad:
-                raise ConfigError(f"prompt {i}: token id {bad[0]} is outside the vocabulary [0, "
-                                  f"{self.cfg.vocab_size})")
+        check_requests(requests, self.max_length, self.cfg.vocab_size)
 
     def generate(self, requests: Sequence[Request],
                  on_tokens: Callable[[int, list[int]], None] | None = None) -> list[Completion]:
@@ -207,7 +206,8 @@ class Engine:
         stops = [r.stop for r in reqs]
         streaming = on_tokens is not None
         with mesh_context(self.mesh, self.rules):
-            state = self._prefill(self.params, ids, lengths, max_new, rows, which=which, cache_len=T + n_buf)
+            state = self._prefill(self.params, ids, lengths, max_new, rows, self.eos_E, which=which,
+                                  cache_len=T + n_buf)
             stopped = np.zeros((B,), bool)
             while True:
                 done, count, tokens = jax.device_get((state.done_B, state.count_B, state.tokens_BN))
@@ -219,7 +219,8 @@ class Engine:
                 if np.all(done[:n] | stopped[:n]):
                     break
                 steps = 1 if streaming else STOP_CHECK_STEPS if any(stops) else n_buf
-                state = self._decode(self.params, state, max_new, rows, stopped, np.int32(steps), which=which)
+                state = self._decode(self.params, state, max_new, rows, self.eos_E, stopped, np.int32(steps),
+                                     which=which)
         return [self._completion(reqs[b], tokens[b, :count[b]], bool(stopped[b])) for b in range(n)]
 
     def _stop_strings(self, stops: list[tuple[str, ...]], tokens: np.ndarray, count: np.ndarray,

@@ -1,0 +1,111 @@
+"""Prompts from the command line or a JSONL file, turned into decoding requests.
+
+A prompts file has one JSON object per line, with exactly one of
+  {"prompt": "text"}                                  encoded with the tokenizer (bos first when data.add_bos),
+  {"messages": [{"role": ..., "content": ...}, ...]}  rendered with the tokenizer's chat template,
+  {"prompt_ids": [1, 2, 3]}                           used as given;
+and optionally "max_new_tokens", "seed" and "stop" (a list of strings) for that line. A line that breaks these
+rules stops the command with one line naming file:line (exit 2): a prompt is a request, not training data, so it
+is never skipped silently.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from typing import Any
+
+from maxlm.config import ConfigError, GenerateConfig
+from maxlm.generate.engine import Request
+from maxlm.generate.load import TextTokenizer
+from maxlm.generate.sampling import SamplingParams
+
+PROMPT_KEYS = ("prompt", "messages", "prompt_ids")
+
+
+def sampling_from(g: GenerateConfig) -> SamplingParams:
+    return SamplingParams(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, min_p=g.min_p, seed=g.seed)
+
+
+def render_chat(tokenizer: TextTokenizer | None, messages: list[dict[str, Any]], where: str) -> str:
+    """The conversation as the model's chat template writes it, ending with the assistant's turn opener."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise ConfigError(f"{where}: \"messages\" need a chat template; use a Hugging Face tokenizer whose "
+                          "tokenizer_config.json has chat_template, or give \"prompt\"")
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    try:
+        return env.from_string(template).render(messages=messages, add_generation_prompt=True,
+                                                bos_token="", eos_token="")
+    except Exception as e:  # a template error is the user's input, reported in one line
+        raise ConfigError(f"{where}: the chat template failed on these messages ({e})") from None
+
+
+def text_ids(tokenizer: TextTokenizer | None, text: str, add_bos: bool, where: str) -> list[int]:
+    if tokenizer is None:
+        raise ConfigError(f"{where}: a text prompt needs a tokenizer; set data.tokenizer (or give prompt_ids)")
+    ids = tokenizer.encode(text)
+    return ([tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []) + ids
+
+
+def request_from_line(obj: Any, g: GenerateConfig, tokenizer: TextTokenizer | None, add_bos: bool,
+                      where: str) -> Request:
+    """One prompts-file object -> a Request (ConfigError naming `where` on anything malformed)."""
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{where}: expected a JSON object with one of {', '.join(PROMPT_KEYS)}")
+    given = [k for k in PROMPT_KEYS if k in obj]
+    if len(given) != 1:
+        raise ConfigError(f"{where}: give exactly one of {', '.join(PROMPT_KEYS)} (got {given or 'none'})")
+    key = given[0]
+    value = obj[key]
+    if key == "prompt":
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{where}: \"prompt\" must be a non-empty string")
+        ids = text_ids(tokenizer, value, add_bos, where)
+    elif key == "messages":
+        if not (isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m and "content" in m
+                                                         for m in value)):
+            raise ConfigError(f"{where}: \"messages\" must be a non-empty list of {{\"role\", \"content\"}} objects")
+        ids = text_ids(tokenizer, render_chat(tokenizer, value, where), add_bos, where)
+    else:
+        if not (isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool)
+                                                         for t in value)):
+            raise ConfigError(f"{where}: \"prompt_ids\" must be a non-empty list of integers")
+        ids = list(value)
+    sampling = sampling_from(g)
+    if "seed" in obj:
+        if not isinstance(obj["seed"], int):
+            raise ConfigError(f"{where}: \"seed\" must be an integer")
+        sampling = replace(sampling, seed=obj["seed"])
+    max_new = obj.get("max_new_tokens", g.max_new_tokens)
+    if not isinstance(max_new, int) or max_new < 1:
+        raise ConfigError(f"{where}: \"max_new_tokens\" must be a positive integer")
+    stop = obj.get("stop", g.stop)
+    if not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
+        raise ConfigError(f"{where}: \"stop\" must be a list of non-empty strings")
+    return Request(ids, max_new, sampling, tuple(stop))
+
+
+def read_prompts_file(path: str, g: GenerateConfig, tokenizer: TextTokenizer | None, add_bos: bool
+                      ) -> list[Request]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise ConfigError(f"--prompts-file {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--prompts-file {path}: not UTF-8 text") from None
+    requests = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{n}: not JSON ({e.msg})") from None
+        requests.append(request_from_line(obj, g, tokenizer, add_bos, f"{path}:{n}"))
+    if not requests:
+        raise ConfigError(f"--prompts-file {path} has no prompts (one JSON object per line)")
+    return requests
