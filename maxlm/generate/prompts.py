@@ -4,7 +4,8 @@ A prompts file has one JSON object per line, with exactly one of
   {"prompt": "text"}                                  encoded with the tokenizer (bos first when data.add_bos),
   {"messages": [{"role": ..., "content": ...}, ...]}  rendered with the tokenizer's chat template,
   {"prompt_ids": [1, 2, 3]}                           used as given;
-and optionally "max_new_tokens", "seed" and "stop" (a list of strings) for that line. A line that breaks these
+and optionally "max_new_tokens", "seed" (default: generate.seed + the prompt's index) and "stop" (a list of
+strings) for that line. A line that breaks these
 rules stops the command with one line naming file:line (exit 2): a prompt is a request, not training data, so it
 is never skipped silently.
 """
@@ -51,8 +52,10 @@ def text_ids(tokenizer: TextTokenizer | None, text: str, add_bos: bool, where: s
 
 
 def request_from_line(obj: Any, g: GenerateConfig, tokenizer: TextTokenizer | None, add_bos: bool,
-                      where: str) -> Request:
-    """One prompts-file object -> a Request (ConfigError naming `where` on anything malformed)."""
+                      where: str, index: int = 0) -> Request:
+    """One prompts-file object -> a Request (ConfigError naming `where` on anything malformed). Its seed is the
+    line's "seed", else generate.seed + `index` (the prompt's place in the file), so two prompts never share a
+    random stream and each is reproducible whatever batch it lands in."""
     if not isinstance(obj, dict):
         raise ConfigError(f"{where}: expected a JSON object with one of {', '.join(PROMPT_KEYS)}")
     given = [k for k in PROMPT_KEYS if k in obj]
@@ -74,7 +77,7 @@ def request_from_line(obj: Any, g: GenerateConfig, tokenizer: TextTokenizer | No
                                                          for t in value)):
             raise ConfigError(f"{where}: \"prompt_ids\" must be a non-empty list of integers")
         ids = list(value)
-    sampling = sampling_from(g)
+    sampling = replace(sampling_from(g), seed=g.seed + index)
     if "seed" in obj:
         if not isinstance(obj["seed"], int):
             raise ConfigError(f"{where}: \"seed\" must be an integer")
@@ -105,7 +108,7 @@ def read_prompts_file(path: str, g: GenerateConfig, tokenizer: TextTokenizer | N
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}:{n}: not JSON ({e.msg})") from None
-        requests.append(request_from_line(obj, g, tokenizer, add_bos, f"{path}:{n}"))
+        requests.append(request_from_line(obj, g, tokenizer, add_bos, f"{path}:{n}", len(requests)))
     if not requests:
         raise ConfigError(f"--prompts-file {path} has no prompts (one JSON object per line)")
     return requests
