@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 from maxlm.config import Config, ConfigError, load_config, resolve_config_path
 from maxlm.generate.engine import Completion, Engine, check_requests
-from maxlm.generate.load import LoadedModel, TextTokenizer, load_model, load_text_tokenizer
+from maxlm.generate.load import LoadedModel, load_model, load_tokenizer_for, stop_ids
 
 FLAGS = {"max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float, "min_p": float, "seed": int}
 
@@ -38,10 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def make_engine(loaded: LoadedModel, tokenizer: TextTokenizer | None, eos_ids: tuple[int, ...] = ()) -> Engine:
+def make_engine(loaded: LoadedModel, tokenizer: Any | None) -> Engine:
+    """An engine for a loaded model; completions end at the tokenizer's (and the HF model's) stop ids."""
     cfg = loaded.cfg
-    return Engine(cfg.model, loaded.params, loaded.mesh, loaded.rules,
-                  eos_ids=eos_ids or (tokenizer.eos_ids if tokenizer is not None else ()),
+    return Engine(cfg.model, loaded.params, loaded.mesh, loaded.rules, eos_ids=stop_ids(cfg, tokenizer),
                   max_length=cfg.generate.resolved_max_length(cfg.data.seq_len), batch_size=cfg.generate.batch_size,
                   decode_text=tokenizer.decode if tokenizer is not None else None)
 
@@ -55,7 +56,7 @@ class Streamer:
     """Prints a single completion as it grows: each call decodes all ids so far and prints the new suffix (a
     multi-byte character split over tokens appears once it is whole)."""
 
-    def __init__(self, tokenizer: TextTokenizer, stop: tuple[str, ...]) -> None:
+    def __init__(self, tokenizer: Any, stop: tuple[str, ...]) -> None:
         self.tokenizer, self.stop, self.printed = tokenizer, stop, ""
 
     def __call__(self, index: int, ids: list[int]) -> None:
@@ -74,14 +75,13 @@ def main(argv: list[str]) -> int:
     cfg: Config = load_config(resolve_config_path(args.config), list(args.overrides) + sampling_overrides(args))
     from maxlm.generate.prompts import read_prompts_file, request_from_line
 
-    tokenizer = load_text_tokenizer(cfg)
+    tokenizer = load_tokenizer_for(cfg)
     if args.prompts_file:
-        requests = read_prompts_file(args.prompts_file, cfg.generate, tokenizer, cfg.data.add_bos)
+        requests = read_prompts_file(args.prompts_file, cfg, tokenizer)
     else:
         if not args.prompt:
             raise ConfigError("--prompt is empty; give some text")
-        requests = [request_from_line({"prompt": args.prompt}, cfg.generate, tokenizer, cfg.data.add_bos,
-                                      "--prompt")]
+        requests = [request_from_line({"prompt": args.prompt}, cfg, tokenizer, "--prompt")]
     check_requests(requests, cfg.generate.resolved_max_length(cfg.data.seq_len), cfg.model.vocab_size)
     engine = make_engine(load_model(cfg), tokenizer)
     stream = len(requests) == 1 and not args.json and tokenizer is not None

@@ -10,9 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import jax
 from jax.sharding import Mesh
@@ -24,91 +23,38 @@ from maxlm.model import Decoder
 log = logging.getLogger(__name__)
 
 
-class TextTokenizer(Protocol):
-    """The calls decoding needs: text <-> ids and the special ids."""
-
-    bos_id: int | None
-    eos_ids: tuple[int, ...]
-
-    def encode(self, text: str) -> list[int]: ...
-
-    def decode(self, ids: Sequence[int]) -> str: ...
-
-
-class SentencePieceText:
-    """maxlm's own tokenizer (maxlm.data.tokenizer): bos/eos are its fixed special ids."""
-
-    def __init__(self, path: str) -> None:
-        from maxlm.data.tokenizer import load_tokenizer
-
-        self._tok = load_tokenizer(path)
-        self.bos_id: int | None = self._tok.bos_id
-        self.eos_ids = (self._tok.eos_id,)
-
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text)
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode(ids)
-
-
-class HFText:
-    """A Hugging Face `tokenizer.json` (via `tokenizers`), with bos/eos read from the directory's configs."""
-
-    def __init__(self, directory: str) -> None:
-        from tokenizers import Tokenizer
-
-        self._tok = Tokenizer.from_file(os.path.join(directory, "tokenizer.json"))
-        cfg = _read_json(os.path.join(directory, "tokenizer_config.json"))
-        model_cfg = _read_json(os.path.join(directory, "config.json")) | _read_json(
-            os.path.join(directory, "generation_config.json"))
-
-        def token_id(key: str) -> int | None:
-            tok = cfg.get(key)
-            tok = tok.get("content") if isinstance(tok, dict) else tok
-            return self._tok.token_to_id(tok) if isinstance(tok, str) else None
-
-        eos = model_cfg.get(f"eos_token_id")
-        eos_ids = list(eos) if isinstance(eos, list) else [eos] if isinstance(eos, int) else []
-        if token_id("eos_token") is not None:
-            eos_ids.append(token_id("eos_token"))
-        self.eos_ids = tuple(sorted(set(eos_ids)))
-        bos = model_cfg.get("bos_token_id")
-        self.bos_id = bos if isinstance(bos, int) else token_id("bos_token")
-        self.chat_template: str | None = cfg.get("chat_template")
-
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
-
-
-def _read_json(path: str) -> dict[str, Any]:
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
-
-
-def load_text_tokenizer(cfg: Config) -> TextTokenizer | None:
-    """`data.tokenizer` (a sentencepiece .model, or a directory / tokenizer.json of Hugging Face's format), the
-    cache's copy when `data.cache_dir` is set, else the `tokenizer.json` of a Hugging Face `load_parameters_from`;
-    None when there is none (prompts must then be given as ids)."""
+def load_tokenizer_for(cfg: Config) -> Any | None:
+    """`data.tokenizer` (a sentencepiece .model or a Hugging Face tokenizer directory; the cache's copy when
+    `data.cache_dir` is set), else the tokenizer of a Hugging Face `load_parameters_from` directory; None when
+    there is none (prompts must then be given as ids)."""
+    from maxlm.data.hf_tokenizer import load_text_tokenizer
     from maxlm.data.pipeline import tokenizer_path
 
     path = tokenizer_path(cfg.data)
     if not path and cfg.load_parameters_from and os.path.isfile(os.path.join(cfg.load_parameters_from,
                                                                              "tokenizer.json")):
         path = cfg.load_parameters_from
-    if not path:
-        return None
-    if os.path.isdir(path) or path.endswith("tokenizer.json"):
-        directory = path if os.path.isdir(path) else os.path.dirname(path)
-        if not os.path.isfile(os.path.join(directory, "tokenizer.json")):
-            raise ConfigError(f"data.tokenizer={path}: no tokenizer.json there")
-        return HFText(directory)
-    return SentencePieceText(path)
+    return load_text_tokenizer(path) if path else None
+
+
+# Chat templates end an assistant turn with one of these; decoding a conversation stops there as at eos.
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
+
+
+def stop_ids(cfg: Config, tokenizer: Any | None) -> tuple[int, ...]:
+    """Ids that end a completion: the tokenizer's eos, its end-of-turn markers, and the `eos_token_id` (one or a
+    list, as Llama 3 has) of a Hugging Face model directory's generation_config.json / config.json."""
+    ids: set[int] = set()
+    if tokenizer is not None:
+        ids |= {i for i in [tokenizer.eos_id] + [tokenizer.token_id(t) for t in END_OF_TURN] if i is not None}
+    src = cfg.load_parameters_from
+    for name in ("generation_config.json", "config.json"):
+        path = os.path.join(src, name) if src else ""
+        if path and os.path.isfile(path):
+            with open(path) as f:
+                eos = json.load(f).get("eos_token_id")
+            ids |= set(eos) if isinstance(eos, list) else {eos} if isinstance(eos, int) else set()
+    return tuple(sorted(ids))
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 A prompts file has one JSON object per line, with exactly one of
   {"prompt": "text"}                                  encoded with the tokenizer (bos first when data.add_bos),
-  {"messages": [{"role": ..., "content": ...}, ...]}  rendered with the tokenizer's chat template,
+  {"messages": [{"role": ..., "content": ...}, ...]}  rendered with the chat template (data.chat_template),
   {"prompt_ids": [1, 2, 3]}                           used as given;
 and optionally "max_new_tokens", "seed" (default: generate.seed + the prompt's index) and "stop" (a list of
 strings) for that line. A line that breaks these
@@ -16,9 +16,8 @@ import json
 from dataclasses import replace
 from typing import Any
 
-from maxlm.config import ConfigError, GenerateConfig
+from maxlm.config import Config, ConfigError, GenerateConfig
 from maxlm.generate.engine import Request
-from maxlm.generate.load import TextTokenizer
 from maxlm.generate.sampling import SamplingParams
 
 PROMPT_KEYS = ("prompt", "messages", "prompt_ids")
@@ -28,31 +27,36 @@ def sampling_from(g: GenerateConfig) -> SamplingParams:
     return SamplingParams(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, min_p=g.min_p, seed=g.seed)
 
 
-def render_chat(tokenizer: TextTokenizer | None, messages: list[dict[str, Any]], where: str) -> str:
-    """The conversation as the model's chat template writes it, ending with the assistant's turn opener."""
-    template = getattr(tokenizer, "chat_template", None)
-    if not template:
-        raise ConfigError(f"{where}: \"messages\" need a chat template; use a Hugging Face tokenizer whose "
-                          "tokenizer_config.json has chat_template, or give \"prompt\"")
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+def chat_ids(tokenizer: Any | None, chat_template: str, messages: list[dict[str, Any]], where: str) -> list[int]:
+    """The conversation rendered with the chat template (`data.chat_template`, as SFT renders it: the template
+    writes its own bos) and ended with the assistant's turn opener, then tokenized."""
+    import jinja2
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    from maxlm.data.chat_template import resolve_chat_template
+
+    if tokenizer is None:
+        raise ConfigError(f"{where}: \"messages\" need a tokenizer; set data.tokenizer")
+    template = resolve_chat_template(chat_template, tokenizer)
     try:
-        return env.from_string(template).render(messages=messages, add_generation_prompt=True,
-                                                bos_token="", eos_token="")
-    except Exception as e:  # a template error is the user's input, reported in one line
-        raise ConfigError(f"{where}: the chat template failed on these messages ({e})") from None
+        text = template.render(messages, add_generation_prompt=True)
+    except jinja2.TemplateError as e:
+        raise ConfigError(f"{where}: {template.name} failed to render these messages ({e})") from None
+    return tokenizer.encode_with_offsets(text)[0]
 
 
-def text_ids(tokenizer: TextTokenizer | None, text: str, add_bos: bool, where: str) -> list[int]:
+def text_ids(tokenizer: Any | None, text: str, add_bos: bool, where: str) -> list[int]:
+    """A plain prompt as SFT tokenizes one (maxlm.data.sft): a Hugging Face tokenizer's own post-processor (e.g.
+    Llama's bos), or bos for maxlm's sentencepiece models when data.add_bos is set."""
+    from maxlm.data.hf_tokenizer import HfTokenizer
+
     if tokenizer is None:
         raise ConfigError(f"{where}: a text prompt needs a tokenizer; set data.tokenizer (or give prompt_ids)")
-    ids = tokenizer.encode(text)
-    return ([tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []) + ids
+    if isinstance(tokenizer, HfTokenizer):
+        return tokenizer.encode(text, add_special_tokens=True)
+    return ([tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []) + list(tokenizer.encode(text))
 
 
-def request_from_line(obj: Any, g: GenerateConfig, tokenizer: TextTokenizer | None, add_bos: bool,
-                      where: str, index: int = 0) -> Request:
+def request_from_line(obj: Any, cfg: Config, tokenizer: Any | None, where: str, index: int = 0) -> Request:
     """One prompts-file object -> a Request (ConfigError naming `where` on anything malformed). Its seed is the
     line's "seed", else generate.seed + `index` (the prompt's place in the file), so two prompts never share a
     random stream and each is reproducible whatever batch it lands in."""
@@ -62,6 +66,7 @@ def request_from_line(obj: Any, g: GenerateConfig, tokenizer: TextTokenizer | No
     if len(given) != 1:
         raise ConfigError(f"{where}: give exactly one of {', '.join(PROMPT_KEYS)} (got {given or 'none'})")
     key = given[0]
+    g, add_bos, chat_template = cfg.generate, cfg.data.add_bos, cfg.data.chat_template
     value = obj[key]
     if key == "prompt":
         if not isinstance(value, str) or not value:
@@ -71,7 +76,7 @@ def request_from_line(obj: Any, g: GenerateConfig, tokenizer: TextTokenizer | No
         if not (isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m and "content" in m
                                                          for m in value)):
             raise ConfigError(f"{where}: \"messages\" must be a non-empty list of {{\"role\", \"content\"}} objects")
-        ids = text_ids(tokenizer, render_chat(tokenizer, value, where), add_bos, where)
+        ids = chat_ids(tokenizer, chat_template, value, where)
     else:
         if not (isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool)
                                                          for t in value)):
@@ -91,8 +96,7 @@ def request_from_line(obj: Any, g: GenerateConfig, tokenizer: TextTokenizer | No
     return Request(ids, max_new, sampling, tuple(stop))
 
 
-def read_prompts_file(path: str, g: GenerateConfig, tokenizer: TextTokenizer | None, add_bos: bool
-                      ) -> list[Request]:
+def read_prompts_file(path: str, cfg: Config, tokenizer: Any | None) -> list[Request]:
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
@@ -108,7 +112,7 @@ def read_prompts_file(path: str, g: GenerateConfig, tokenizer: TextTokenizer | N
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}:{n}: not JSON ({e.msg})") from None
-        requests.append(request_from_line(obj, g, tokenizer, add_bos, f"{path}:{n}", len(requests)))
+        requests.append(request_from_line(obj, cfg, tokenizer, f"{path}:{n}", len(requests)))
     if not requests:
         raise ConfigError(f"--prompts-file {path} has no prompts (one JSON object per line)")
     return requests
