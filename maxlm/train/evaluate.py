@@ -43,10 +43,12 @@ def _token_bytes(cfg: Config) -> np.ndarray | None:
     return np.pad(table, (0, max(0, cfg.model.vocab_size - len(table)))).astype(np.float32)
 
 
-def make_evaluator(cfg: Config, mesh: Mesh, rules: LogicalRules, model: Any) -> Evaluator | None:
+def make_evaluator(cfg: Config, mesh: Mesh, rules: LogicalRules, model: Any, split: str = "eval"
+                   ) -> Evaluator | None:
     """`evaluate(state_or_params) -> {"loss", "bits_per_byte", "tokens"}` over `train.eval_steps` batches of the
     held-out split (rows per batch: global_batch_size / grad_accum, i.e. one training microbatch), or None when
-    `train.eval_every` is 0. The loop logs the keys with an `eval_` prefix (eval_loss, eval_bits_per_byte).
+    `train.eval_every` is 0. `split="train"` scores the training split instead (`maxlm eval --task loss` on a
+    dataset without a held-out part). The loop logs the keys with an `eval_` prefix (eval_loss, eval_bits_per_byte).
     Call it on every process: scoring is a collective over the global batch."""
     if cfg.train.eval_every <= 0 or cfg.train.eval_steps <= 0:
         return None
@@ -58,7 +60,7 @@ def make_evaluator(cfg: Config, mesh: Mesh, rules: LogicalRules, model: Any) -> 
     # Read once and kept: every evaluation scores exactly the same tokens, the same on any number of processes.
     it = ProcessBatches(dataclasses.replace(cfg.data, num_workers=0, stage_starts=[]), vocab_size=cfg.model.vocab_size,
                         global_batch_size=rows, rows=process_rows(shardings.inputs, rows), seed=cfg.seed,
-                        process_index=jax.process_index(), process_count=jax.process_count(), split="eval")
+                        process_index=jax.process_index(), process_count=jax.process_count(), split=split)
     try:
         local = [next(it) for _ in range(cfg.train.eval_steps)]
     finally:
