@@ -136,6 +136,7 @@ DELEGATED: dict[str, Callable[[list[str]], int]] = {
     "launch": _delegate("maxlm.launch.cli"),
     "compile": _delegate("maxlm.compile.cli"),
     "generate": _delegate("maxlm.generate.cli"),
+    "eval": _delegate("maxlm.eval.cli"),
 }
 
 
@@ -184,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "--devices-per-process M CONFIG`", add_help=False)
     sub.add_parser("bench-data", help="input-pipeline throughput (see `maxlm bench-data --help`)", add_help=False)
     sub.add_parser("generate", help="complete prompts with a KV cache (see `maxlm generate --help`)", add_help=False)
+    sub.add_parser("eval", help="loss / multiple-choice / win-rate evaluation (see `maxlm eval --help`)",
+                   add_help=False)
     return p
 
 
