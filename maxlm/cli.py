@@ -137,6 +137,7 @@ DELEGATED: dict[str, Callable[[list[str]], int]] = {
     "compile": _delegate("maxlm.compile.cli"),
     "generate": _delegate("maxlm.generate.cli"),
     "eval": _delegate("maxlm.eval.cli"),
+    "bench-generate": _delegate("maxlm.generate.bench"),
 }
 
 
@@ -185,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "--devices-per-process M CONFIG`", add_help=False)
     sub.add_parser("bench-data", help="input-pipeline throughput (see `maxlm bench-data --help`)", add_help=False)
     sub.add_parser("generate", help="complete prompts with a KV cache (see `maxlm generate --help`)", add_help=False)
+    sub.add_parser("bench-generate", help="prefill/decode throughput, beside transformers (see `maxlm "
+                                          "bench-generate --help`)", add_help=False)
     sub.add_parser("eval", help="loss / multiple-choice / win-rate evaluation (see `maxlm eval --help`)",
                    add_help=False)
     return p

@@ -13,25 +13,27 @@ from maxlm.config import ModelConfig
 
 @dataclass(frozen=True)
 class Hardware:
-    """Dense bf16 peak per chip (FLOP/s, no sparsity) and HBM per chip (bytes), from the vendors' spec sheets."""
+    """Dense bf16 peak per chip (FLOP/s, no sparsity), HBM per chip (bytes) and HBM bandwidth per chip (bytes/s,
+    what bounds decoding), from the vendors' spec sheets."""
 
     name: str
     peak_flops: float
     hbm_bytes: float
+    hbm_bandwidth: float = 0.0
 
 
 GB = 1e9
 HARDWARE: dict[str, Hardware] = {
     h.name: h
     for h in [
-        Hardware("tpu-v4", 275e12, 32 * GB),
-        Hardware("tpu-v5e", 197e12, 16 * GB),
-        Hardware("tpu-v5p", 459e12, 95 * GB),
-        Hardware("tpu-v6e", 918e12, 32 * GB),
-        Hardware("a100", 312e12, 80 * GB),
-        Hardware("h100", 989e12, 80 * GB),
-        Hardware("h200", 989e12, 141 * GB),
-        Hardware("b200", 2250e12, 180 * GB),
+        Hardware("tpu-v4", 275e12, 32 * GB, 1.2e12),
+        Hardware("tpu-v5e", 197e12, 16 * GB, 819e9),
+        Hardware("tpu-v5p", 459e12, 95 * GB, 2.765e12),
+        Hardware("tpu-v6e", 918e12, 32 * GB, 1.64e12),
+        Hardware("a100", 312e12, 80 * GB, 2.039e12),
+        Hardware("h100", 989e12, 80 * GB, 3.35e12),
+        Hardware("h200", 989e12, 141 * GB, 4.8e12),
+        Hardware("b200", 2250e12, 180 * GB, 8e12),
     ]
 }
 

@@ -14,6 +14,7 @@ at their own token limit, or when the host sees one of their stop strings (check
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -106,6 +107,9 @@ class Engine:
         self.model = Decoder(cfg)
         self.max_length, self.batch_size, self.pad_id = max_length, batch_size, pad_id
         self.decode_text = decode_text
+        # Filled when `record_timings` is set (maxlm bench-generate): per batch, seconds of prefill and of decoding.
+        self.record_timings = False
+        self.timings: list[dict[str, float]] = []
         self.eos_E = np.asarray(sorted(set(eos_ids)) or [-1], np.int32)
         self.dp = data_parallel_size(mesh, rules)
         with mesh_context(mesh, rules):
@@ -206,8 +210,12 @@ class Engine:
         stops = [r.stop for r in reqs]
         streaming = on_tokens is not None
         with mesh_context(self.mesh, self.rules):
+            t0 = time.perf_counter()
             state = self._prefill(self.params, ids, lengths, max_new, rows, self.eos_E, which=which,
                                   cache_len=T + n_buf)
+            if self.record_timings:
+                jax.block_until_ready(state)
+                t1 = time.perf_counter()
             stopped = np.zeros((B,), bool)
             while True:
                 done, count, tokens = jax.device_get((state.done_B, state.count_B, state.tokens_BN))
@@ -221,6 +229,10 @@ class Engine:
                 steps = 1 if streaming else STOP_CHECK_STEPS if any(stops) else n_buf
                 state = self._decode(self.params, state, max_new, rows, self.eos_E, stopped, np.int32(steps),
                                      which=which)
+        if self.record_timings:
+            self.timings.append({"rows": n, "padded_rows": B, "prompt_tokens": int(lengths[:n].sum()),
+                                 "prefill_s": t1 - t0, "decode_s": time.perf_counter() - t1,
+                                 "decode_steps": int(count[:n].max()) - 1})
         return [self._completion(reqs[b], tokens[b, :count[b]], bool(stopped[b])) for b in range(n)]
 
     def _stop_strings(self, stops: list[tuple[str, ...]], tokens: np.ndarray, count: np.ndarray,
