@@ -7,6 +7,7 @@ is empty, from the newest checkpoint under `run_dir`; with neither, the model is
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -16,9 +17,8 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
-from maxlm.config import Config, ConfigError, validate
-from maxlm.mesh import LogicalRules, build_mesh, logical_rules
-from maxlm.model import Decoder
+from maxlm.config import Config
+from maxlm.mesh import LogicalRules
 
 log = logging.getLogger(__name__)
 
@@ -80,29 +80,20 @@ def weights_source(cfg: Config) -> str:
 
 def load_model(cfg: Config) -> LoadedModel:
     """Validates the config, builds the mesh and reads the weights straight onto their shards."""
-    validate_for_inference(cfg)
+    from maxlm.train.builder import build_core
     from maxlm.train.checkpoint import load_parameters
-    from maxlm.train.optimizer import make_optimizer
-    from maxlm.train.state import init_state, state_layout
+    from maxlm.train.state import init_state
 
-    mesh, rules = build_mesh(cfg), logical_rules(cfg)
-    model = Decoder(cfg.model)
-    tx, _ = make_optimizer(cfg)
-    layout = state_layout(cfg, model, tx, mesh, rules)
+    # Decoding pads its own batches, so the training batch need not divide this machine's data-parallel size.
+    inference = dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, global_batch_size=jax.device_count() * 8, grad_accum=1))
+    core = build_core(inference)
     source = weights_source(cfg)
     if source:
-        params = load_parameters(source, cfg, layout)
+        params = load_parameters(source, cfg, core.layout)
     else:
         log.warning("no weights: load_parameters_from is empty and %s has no checkpoints; using a random "
                     "initialisation (seed %d)", cfg.run_dir, cfg.seed)
-        params = init_state(cfg, model, tx, layout, mesh, rules, jax.random.key(cfg.seed)).params
-    return LoadedModel(cfg, mesh, rules, params, source)
-
-
-def validate_for_inference(cfg: Config) -> None:
-    """`validate` without the training batch's divisibility (decoding pads its own batches)."""
-    import dataclasses
-
-    dp_free = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, global_batch_size=jax.device_count() * 8,
-                                                                 grad_accum=1))
-    validate(dp_free, jax.device_count())
+        params = init_state(cfg, core.model, core.tx, core.layout, core.mesh, core.rules,
+                            jax.random.key(cfg.seed)).params
+    return LoadedModel(cfg, core.mesh, core.rules, params, source)
