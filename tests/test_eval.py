@@ -124,7 +124,28 @@ def test_tally_counts_and_interval() -> None:
     assert same["ties"] == 4 and same["win_rate"] == 0.5 and same["win_rate_95"] == [0.5, 0.5]
 
 
+def test_win_rate_with_a_stand_in_judge() -> None:
+    """The tally over a judge's scores: a judge that prefers longer sequences (the judge is any scoring function)."""
+    from maxlm.eval.winrate import win_rate
+    from maxlm.generate import Completion
+
+    reqs = [Request([2, 5], 4), Request([2, 6], 4), Request([2, 7], 4)]
+    a = [Completion([9, 9, 9], "length", 2), Completion([9], "eos", 2), Completion([9, 9], "eos", 2)]
+    b = [Completion([8], "eos", 2), Completion([8, 8], "eos", 2), Completion([8, 8], "eos", 2)]
+    seen: list[list[int]] = []
+
+    def judge(seqs: list[list[int]]) -> list[float]:
+        seen.extend(seqs)
+        return [float(len(s)) for s in seqs]
+
+    res = win_rate(reqs, a, b, judge, eos_id=3)
+    assert seen[0] == [2, 5, 9, 9, 9, 3] and seen[3] == [2, 5, 8, 3]
+    assert (res["wins"], res["ties"], res["losses"]) == (1, 1, 1) and res["win_rate"] == 0.5
+
+
 def test_winrate_judged_by_a_reward_model(run, capsys) -> None:
+    pytest.importorskip("maxlm.train.reward_score", reason="reward models (model.head=scalar) come with the "
+                        "preference branch")
     root, overrides, cfg, *_ = run
     # Model B: other random weights; the judge: a scalar-head (reward) model over the same tokenizer.
     for name, extra, seed in [("b", [], 5), ("judge", ["model.head=scalar", "train.objective=reward"], 7)]:

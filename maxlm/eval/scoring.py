@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maxlm.generate.engine import bucket
+from maxlm.generate.engine import bucket, data_parallel_size, row_sharding
 from maxlm.generate.load import LoadedModel
-from maxlm.mesh import batch_sharding, data_parallel_size, mesh_context
+from maxlm.mesh import mesh_context
 from maxlm.model import Decoder
 
 
@@ -41,7 +41,7 @@ class Scorer:
             return jnp.sum(tok_BT * mask_BT, axis=-1), jnp.all(greedy_BT | (mask_BT == 0), axis=-1)
 
         self._score = jax.jit(score)
-        self._sharding = batch_sharding(loaded.mesh, loaded.rules)
+        self._sharding = row_sharding(loaded.mesh, loaded.rules, None)
 
     def loglikelihood(self, requests: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         """(sum of log-probs, is_greedy) per (context ids, continuation ids); the context must not be empty."""

@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from maxlm.config import ConfigError, ModelConfig
 from maxlm.generate.sampling import RowSampling, SamplingParams, Warpers, next_tokens
-from maxlm.mesh import LogicalRules, data_parallel_size, mesh_context
+from maxlm.mesh import LogicalRules, mesh_context
 from maxlm.model import Decoder
 from maxlm.model.heads import lm_logits
 from maxlm.model.kv_cache import cache_logical_axes, init_cache
@@ -77,6 +77,18 @@ class DecodeState:
     done_B: jax.Array
 
 
+def row_sharding(mesh: Mesh, rules: LogicalRules, *trailing: None) -> NamedSharding:
+    """Rows over the data-parallel axes (`act_batch`), any trailing dimensions replicated."""
+    return NamedSharding(mesh, P(nn.logical_to_mesh_axes(("act_batch",), rules)[0], *trailing))
+
+
+def data_parallel_size(mesh: Mesh, rules: LogicalRules) -> int:
+    """How many ways rows are split: a decoding batch is padded to a multiple of it."""
+    spec = row_sharding(mesh, rules).spec[0]
+    axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+    return math.prod(mesh.shape[a] for a in axes)
+
+
 def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
     """The padded size for n: the next power of two, at least `minimum`."""
     return max(minimum, 1 << max(n - 1, 0).bit_length())
@@ -112,10 +124,7 @@ class Engine:
         self.timings: list[dict[str, float]] = []
         self.eos_E = np.asarray(sorted(set(eos_ids)) or [-1], np.int32)
         self.dp = data_parallel_size(mesh, rules)
-        with mesh_context(mesh, rules):
-            row_spec = nn.logical_to_mesh_axes(("act_batch",))
-        rows = NamedSharding(mesh, row_spec)
-        rows2 = NamedSharding(mesh, P(*row_spec, None))
+        rows, rows2 = row_sharding(mesh, rules), row_sharding(mesh, rules, None)
         cache_sh = nn.logical_to_mesh_sharding(cache_logical_axes(cfg), mesh, rules)
         self.state_shardings = DecodeState(cache=cache_sh, last_B=rows, pos_B=rows, tokens_BN=rows2, count_B=rows,
                                            done_B=rows)
