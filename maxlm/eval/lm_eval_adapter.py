@@ -28,7 +28,7 @@ from maxlm.eval.scoring import Scorer, split_continuation
 from maxlm.generate.cli import make_engine
 from maxlm.generate.engine import Request
 from maxlm.generate.load import load_model, load_tokenizer_for
-from maxlm.generate.prompts import sampling_from
+from maxlm.generate.sampling import SamplingParams
 
 DEFAULT_GEN_TOKENS = 256
 
@@ -80,20 +80,19 @@ class MaxlmLM(LM):
         return totals
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
-        base = sampling_from(self.cfg.generate)
+        seed = self.cfg.generate.seed
         reqs = []
         for req in requests:
             context, kwargs = req.args
             kwargs = dict(kwargs or {})
             until = kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
-            sampling = base
-            if kwargs.get("do_sample") or float(kwargs.get("temperature", 0.0) or 0.0) > 0:
-                sampling = type(base)(temperature=float(kwargs.get("temperature", 1.0) or 1.0),
-                                      top_k=int(kwargs.get("top_k", 0) or 0), top_p=float(kwargs.get("top_p", 1.0)),
-                                      seed=base.seed)
-            else:
-                sampling = type(base)(seed=base.seed)
+            if kwargs.get("do_sample") or float(kwargs.get("temperature") or 0.0) > 0:
+                sampling = SamplingParams(temperature=float(kwargs.get("temperature") or 1.0),
+                                          top_k=int(kwargs.get("top_k") or 0), top_p=float(kwargs.get("top_p") or 1.0),
+                                          seed=seed)
+            else:  # the harness's default: greedy
+                sampling = SamplingParams(seed=seed)
             ids = self._context_ids(list(self.tokenizer.encode(context)))
             max_new = int(kwargs.get("max_gen_toks", DEFAULT_GEN_TOKENS))
             budget = self.max_length - max_new
