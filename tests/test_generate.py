@@ -1,6 +1,7 @@
-"""KV-cached decoding equals uncached decoding (greedy, dense and MoE, scanned and unscanned, several meshes); a batch
-of prompts of different lengths gives each row's tokens alone; no recompilation per token; stop on eos / stop
-strings / the token limit per row; sampling: transformers' warpers, top-k support, top-p mass, per-request seeds."""
+"""KV-cached decoding equals uncached decoding (greedy, dense and MoE, scanned and unscanned, a sliding window, several
+meshes); a batch of prompts of different lengths gives each row's tokens alone; no recompilation per token; stop on
+eos / stop strings / the token limit per row; sampling: transformers' warpers, top-k support, top-p mass,
+per-request seeds."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ NEW = 10
 LAYOUTS = {  # name: overrides of the tiny config (mesh data x fsdp x tensor x expert over 8 devices)
     "dense-scan-dp2-fsdp2-tp2": [],
     "dense-unscanned-fsdp8": ["model.scan_layers=false", "mesh.data=1", "mesh.fsdp=8", "mesh.tensor=1"],
+    "sliding-window-4-dp8": ["model.sliding_window=4", "mesh.data=8", "mesh.fsdp=1", "mesh.tensor=1"],
     "moe-ep2-tp2": ["model.ffn=moe", "model.num_experts=4", "model.first_dense_layers=1", "mesh.data=1",
                     "mesh.fsdp=2", "mesh.tensor=2", "mesh.expert=2"],
 }
