@@ -55,3 +55,23 @@ def test_greedy_equals_transformers_generate(tmp_path: Path, family: str) -> Non
     engine = make_engine(load_model(cfg), tokenizer=None)
     got = engine.generate([Request(p, NEW) for p in prompts])
     assert [c.completion_ids for c in got] == want
+
+
+@pytest.mark.parametrize("name", ["llama3", "qwen2.5-yarn", "qwen3", "qwen3-moe", "mistral"])
+def test_greedy_equals_transformers_generate_for_each_family(tmp_path: Path, name: str) -> None:
+    """The families of maxlm.convert.families (RoPE scaling, q/k/v biases, QK-norm, Qwen3-MoE routing, a sliding
+    window) decode with the KV cache exactly as transformers does; prompts + new tokens pass the RoPE threshold and
+    the window of the test models (original context 16, window 8)."""
+    from test_convert_families import hf_model
+
+    model = hf_model(tmp_path / "hf", name)
+    vocab = model.config.vocab_size
+    rs = np.random.RandomState(5)
+    prompts = [list(map(int, rs.randint(3, vocab, size=n))) for n in LENGTHS]
+    want = hf_greedy(model, prompts, pad_id=0)
+    step_dir, cfg = from_hf(str(tmp_path / "hf"), str(tmp_path / "ck"))
+    cfg.load_parameters_from = step_dir
+    cfg.generate.max_length = 64
+    engine = make_engine(load_model(cfg), tokenizer=None)
+    got = engine.generate([Request(p, NEW) for p in prompts])
+    assert [c.completion_ids for c in got] == want
