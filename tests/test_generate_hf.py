@@ -44,8 +44,13 @@ def test_greedy_equals_transformers_generate(tmp_path: Path, family: str) -> Non
         model = hf_llama(tmp_path / "hf", **LLAMA_SHAPES["gqa-tied"])
     else:
         model = hf_mixtral(tmp_path / "hf", **MIXTRAL_SHAPES["gqa-untied"])
+    assert_greedy_parity(model, tmp_path, seed=3)
+
+
+def assert_greedy_parity(model, tmp_path: Path, seed: int) -> None:
+    """maxlm's cached greedy completions of the HF model saved at tmp_path/hf equal transformers' generate."""
     vocab = model.config.vocab_size
-    rs = np.random.RandomState(3)
+    rs = np.random.RandomState(seed)
     prompts = [list(map(int, rs.randint(3, vocab, size=n))) for n in LENGTHS]
     want = hf_greedy(model, prompts, pad_id=0)
 
@@ -64,14 +69,4 @@ def test_greedy_equals_transformers_generate_for_each_family(tmp_path: Path, nam
     the window of the test models (original context 16, window 8)."""
     from test_convert_families import hf_model
 
-    model = hf_model(tmp_path / "hf", name)
-    vocab = model.config.vocab_size
-    rs = np.random.RandomState(5)
-    prompts = [list(map(int, rs.randint(3, vocab, size=n))) for n in LENGTHS]
-    want = hf_greedy(model, prompts, pad_id=0)
-    step_dir, cfg = from_hf(str(tmp_path / "hf"), str(tmp_path / "ck"))
-    cfg.load_parameters_from = step_dir
-    cfg.generate.max_length = 64
-    engine = make_engine(load_model(cfg), tokenizer=None)
-    got = engine.generate([Request(p, NEW) for p in prompts])
-    assert [c.completion_ids for c in got] == want
+    assert_greedy_parity(hf_model(tmp_path / "hf", name), tmp_path, seed=5)
