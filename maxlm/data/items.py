@@ -95,3 +95,20 @@ def decode_utf8(raw: bytes, where: str, warn: WarnOnce) -> str | None:
         warn(where, f"data: skipping {where}: not UTF-8 (byte {e.start})")
         return None
     return text
+
+
+def source_key(comp: Any, mixture: bool) -> str:
+    """The config key that names a source's files, for messages: `data.path` or `data.mixture (NAME).path`."""
+    return f"data.mixture ({comp.name}).path" if mixture else "data.path"
+
+
+def component_files(comp: Any, mixture: bool) -> list[str] | None:
+    """The files of one data source (a `MixtureComponent`). A source of a mixture that matches nothing is skipped
+    with a warning (None); the single source of `data.path` must match (ConfigError)."""
+    try:
+        return list_files(comp.path, comp.max_files, source_key(comp, mixture))
+    except ConfigError as e:
+        if not mixture:
+            raise
+        log.warning("data: skipping source %s: %s", comp.name, e)
+        return None

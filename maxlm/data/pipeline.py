@@ -36,7 +36,7 @@ from maxlm.config import ConfigError, DataConfig
 from maxlm.data.cache import Cache
 from maxlm.data.clean import Filters, document_hash, eval_threshold
 from maxlm.data.mixture import TokenMixIterDataset
-from maxlm.data.items import list_files
+from maxlm.data.items import component_files, source_key
 from maxlm.data.sources import SyntheticSource, open_source
 from maxlm.config.data_spec import MixtureComponent, components, num_stages, stage_start_steps
 from maxlm.data.stream import DataStream
@@ -209,13 +209,9 @@ def _resolve(data: DataConfig, vocab_size: int, seed: int, shard_index: int, sha
             tokenize.filters, tokenize.threshold, tokenize.want_eval = None, 0, False  # decided at prepare time
             out.append(_Component(c, i + 1, docs, tokenize, shuffle=True))
             continue
-        key = f"data.mixture ({c.name}).path" if data.mixture else "data.path"
-        try:
-            files = list_files(c.path, c.max_files, key)
-        except ConfigError as e:
-            if not data.mixture:
-                raise
-            log.warning("data: skipping source %s: %s", c.name, e)
+        key = source_key(c, bool(data.mixture))
+        files = component_files(c, bool(data.mixture))
+        if files is None:
             continue
         source = open_source(c.format, files, text_field=c.text_field, text_split=c.text_split)
         if len(source) == 0:

@@ -27,7 +27,7 @@ from maxlm.config import ConfigError, DataConfig
 from maxlm.data.chat_template import ChatTemplate
 from maxlm.data.clean import document_hash, eval_threshold
 from maxlm.data.sft import BadRow, Encoded, Fields, NoAssistantSpan, encode_example, fit_to_length, parse_row
-from maxlm.data.items import WarnOnce, list_files
+from maxlm.data.items import WarnOnce, component_files, source_key
 from maxlm.data.sources import open_source
 
 log = logging.getLogger(__name__)
@@ -246,13 +246,9 @@ def open_sft_rows(comp: Any, data: DataConfig, tokenizer: Any, template: ChatTem
                   shard_index: int, shard_count: int, sample: int) -> tuple[grain.MapDataset, SftEncoder] | None:
     """The rows of one SFT mixture component for this host and its encoder, checked on a sample; None (with a
     warning) for a mixture source without rows, ConfigError when the only source has none."""
-    key = f"data.mixture ({comp.name}).path" if data.mixture else "data.path"
-    try:
-        files = list_files(comp.path, comp.max_files, key)
-    except ConfigError as e:
-        if not data.mixture:
-            raise
-        log.warning("data: skipping source %s: %s", comp.name, e)
+    key = source_key(comp, bool(data.mixture))
+    files = component_files(comp, bool(data.mixture))
+    if files is None:
         return None
     source = open_source(comp.format, files, text_field=None)
     if len(source) == 0:
