@@ -138,6 +138,7 @@ DELEGATED: dict[str, Callable[[list[str]], int]] = {
     "generate": _delegate("maxlm.generate.cli"),
     "eval": _delegate("maxlm.eval.cli"),
     "bench-generate": _delegate("maxlm.generate.bench"),
+    "reward": _delegate("maxlm.reward_cli"),
 }
 
 
@@ -190,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "bench-generate --help`)", add_help=False)
     sub.add_parser("eval", help="loss / multiple-choice / win-rate evaluation (see `maxlm eval --help`)",
                    add_help=False)
+    sub.add_parser("reward", help="reward-model tools: `maxlm reward score CKPT --input rows.jsonl`", add_help=False)
     return p
 
 

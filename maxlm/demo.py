@@ -7,12 +7,14 @@ instruction pairs derived from the same library (maxlm.demo_sft) and answers a h
 
 from __future__ import annotations
 
+import json
 import os
 import sysconfig
 
-from maxlm.config import load_config, resolve_config_path
+from maxlm.config import Config, load_config, resolve_config_path
 
 PROMPT = "def fibonacci("
+DPO_PAIRS = 2000
 
 
 def stdlib_glob() -> str:
@@ -50,4 +52,36 @@ def run_demo(overrides: list[str], progress: bool = True) -> int:
     print(PROMPT + out.text)
     from maxlm.demo_sft import run_sft_stage
 
-    return run_sft_stage(cfg, tok_path, overrides, progress)
+    code = run_sft_stage(cfg, tok_path, overrides, progress)
+    return code or run_dpo_stage(cfg, tok_path, summary["checkpoint_dir"], overrides, progress)
+
+
+def run_dpo_stage(pre: Config, tok_path: str, checkpoint: str, overrides: list[str], progress: bool) -> int:
+    """DPO on stdlib pairs (chosen: real code; rejected: the same lines corrupted) from the pretrained model."""
+    from maxlm.demo_pairs import write_stdlib_pairs
+    from maxlm.train.loop import train
+
+    pairs = os.path.join(pre.run_dir, "preference", "stdlib_pairs.jsonl")
+    n = write_stdlib_pairs(stdlib_glob(), pairs, DPO_PAIRS)
+    dpo_overrides = [k for k in overrides if not k.startswith(("train.", "data.", "run_dir"))]
+    cfg = load_config(resolve_config_path("stdlib_dpo"), [f"data.path={pairs}", f"data.tokenizer={tok_path}",
+                                                            f"load_parameters_from={checkpoint}",
+                                                            f"run_dir={os.path.join(pre.run_dir, 'dpo')}"]
+                      + dpo_overrides)
+    print(f"[4/4] DPO ({cfg.dpo.loss_type}, beta {cfg.dpo.beta}, reference {cfg.dpo.reference}) on {n} stdlib pairs "
+          f"for {cfg.train.steps} steps (run_dir={cfg.run_dir})")
+    summary = train(cfg, progress=progress)
+    rows = [r for r in _metrics(cfg.run_dir) if "rewards/accuracies" in r]
+    if rows:
+        first, last = rows[0], rows[-1]
+        for key in ("loss", "rewards/accuracies", "rewards/margins"):
+            print(f"  {key}: step {first['step']} {first[key]:.4f} -> step {last['step']} {last[key]:.4f}")
+    return 0 if summary["steps"] == cfg.train.steps else 1
+
+
+def _metrics(run_dir: str) -> list[dict]:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

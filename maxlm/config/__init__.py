@@ -14,9 +14,9 @@ from maxlm.config.data_spec import MixtureComponent, check_data_config, componen
 from maxlm.config.load import config_from_dict, config_to_yaml, load_config, load_yaml_chain, parse_overrides
 from maxlm.config.paths import config_dir, expand_globs, resolve_config_path
 from maxlm.config.schema import DEFAULT_RULES, FFN_NAMES, LORA_TARGET_NAMES, MESH_AXES, OBJECTIVE_NAMES, REMAT_NAMES, \
-    CheckpointConfig, Config, ConfigError, DataConfig, GenerateConfig, LoraConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
+    CheckpointConfig, Config, ConfigError, DataConfig, DpoConfig, GenerateConfig, LoraConfig, MeshConfig, ModelConfig, OptimConfig, RewardConfig, TrainConfig
 
-__all__ = ["CheckpointConfig", "Config", "ConfigError", "DEFAULT_RULES", "DataConfig", "FFN_NAMES", "GenerateConfig", "LORA_TARGET_NAMES", "LoraConfig", "MESH_AXES",
+__all__ = ["CheckpointConfig", "Config", "ConfigError", "DEFAULT_RULES", "DataConfig", "DpoConfig", "FFN_NAMES", "GenerateConfig", "LORA_TARGET_NAMES", "LoraConfig", "MESH_AXES", "RewardConfig",
            "MeshConfig", "MixtureComponent", "ModelConfig", "OBJECTIVE_NAMES", "OptimConfig", "REMAT_NAMES",
            "TrainConfig", "check_data_config", "check_static", "components", "config_dir", "config_from_dict", "config_to_yaml",
            "expand_globs", "load_config", "load_yaml_chain", "parse_overrides", "resolve_config_path",

@@ -11,7 +11,8 @@ from maxlm.config.model_checks import check_model_options
 from maxlm.config.range_checks import check_ranges
 from maxlm.config.lora_checks import check_lora
 from maxlm.config.generate_checks import check_generate
-from maxlm.config.schema import FFN_NAMES, MESH_AXES, OBJECTIVE_NAMES, REMAT_NAMES, Config, ConfigError, \
+from maxlm.config.preference_checks import check_preference
+from maxlm.config.schema import HEAD_NAMES, FFN_NAMES, MESH_AXES, OBJECTIVE_NAMES, REMAT_NAMES, Config, ConfigError, \
     MeshConfig, ModelConfig
 
 
@@ -62,6 +63,7 @@ def check_static(cfg: Config) -> None:
     _choice(m.param_dtype, ("float32", "bfloat16"), "model.param_dtype")
     _choice(m.attention, ("auto", "xla", "cudnn"), "model.attention")
     _choice(m.remat, REMAT_NAMES, "model.remat")
+    _choice(m.head, HEAD_NAMES, "model.head")
     _choice(m.ffn, FFN_NAMES, "model.ffn")
     check_model_options(m)  # RoPE scaling, biases, QK-norm, sliding window
     if m.ffn == "moe":
@@ -81,6 +83,7 @@ def check_static(cfg: Config) -> None:
             if ax not in MESH_AXES:
                 raise ConfigError(f"mesh.rules[{i}]: {ax!r} is not a mesh axis ({', '.join(MESH_AXES)})")
     check_data_config(cfg)
+    check_preference(cfg)
 
 
 def _check_moe(m: ModelConfig) -> None:

@@ -43,7 +43,13 @@ MESH_AXES = ("data", "fsdp", "tensor", "expert")
 # Names of the pluggable pieces; the registries beside the code (maxlm.model.ffn.FFN_BLOCKS,
 # maxlm.train.objectives.OBJECTIVES, maxlm.model.remat.REMAT_POLICIES) must hold exactly these keys.
 FFN_NAMES = ("mlp", "moe")
-OBJECTIVE_NAMES = ("pretrain", "sft")
+OBJECTIVE_NAMES = ("pretrain", "sft", "dpo", "reward")
+HEAD_NAMES = ("lm", "scalar")
+# maxlm.train.preference.LOSS_TYPES / REFERENCE_FREE are these.
+PREFERENCE_LOSS_NAMES = ("sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "sppo_hard", "apo_zero",
+                         "apo_down", "sigmoid_norm", "orpo", "simpo")
+REFERENCE_FREE_NAMES = ("orpo", "simpo")
+REFERENCE_MODES = ("frozen", "precomputed", "none")
 REMAT_NAMES = ("none", "full", "dots", "dots_no_batch")
 # Projections an adapter can target by name (maxlm.model.lora.PROJECTION_NAMES must hold exactly these): attention
 # q/k/v/o, the dense SwiGLU gate/up/down, and MoE shared experts. Anything else in `lora.targets` is a pattern.
@@ -88,6 +94,7 @@ class ModelConfig:
     attention: str = "auto"  # auto | xla | cudnn
     scan_layers: bool = True
     remat: str = "none"  # none | full | dots | dots_no_batch
+    head: str = "lm"  # lm (next-token logits) | scalar (a reward model's score at the last token; no LM head)
     # ---- Mixture-of-Experts (used when ffn == "moe"; maxlm/model/moe.py) ----
     num_experts: int = 8  # routed experts per MoE layer
     experts_per_token: int = 2  # top-k
@@ -187,6 +194,11 @@ class DataConfig:
     # Independent pipelines the global batch's rows are split into; fixed, so the rows do not depend on the number
     # of processes (each process builds only the shards holding its rows). Set >= the process count at scale.
     shards: int = 1
+    # ---- preference pairs (example_format preference; train.objective dpo | reward; maxlm/data/preference.py) ----
+    chosen_field: str = "chosen"  # the preferred response (a string, or an assistant message / list of them)
+    rejected_field: str = "rejected"  # the dispreferred response
+    margin_field: str = "margin"  # optional per-pair reward margin (reward models); "" ignores it
+    pairs_per_row: int = 8  # packed: at most this many pairs share one row
 
 
 @dataclass
@@ -270,6 +282,27 @@ class GenerateConfig:
 
 
 @dataclass
+class DpoConfig:
+    """Direct preference optimisation and its variants (maxlm/train/preference.py has every formula)."""
+
+    loss_type: Any = "sigmoid"  # one name, or a list mixed by loss_weights (TRL's names)
+    loss_weights: list = field(default_factory=list)  # one per loss_type entry; empty: all 1
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # conservative DPO / robust / exo_pair epsilon, in [0, 0.5)
+    sft_weight: float = 0.0  # adds this x the chosen responses' per-token NLL
+    simpo_gamma: float = 0.5  # SimPO's target reward margin
+    reference: str = "frozen"  # frozen | precomputed | none (reference-free losses: orpo, simpo)
+    reference_from: str = ""  # reference weights: a maxlm checkpoint or HF directory; "": the starting weights
+
+
+@dataclass
+class RewardConfig:
+    """Reward models (train.objective: reward): Bradley-Terry on a scalar head."""
+
+    center_rewards_coef: float = 0.0  # adds coef x mean((r_chosen + r_rejected)^2) (Eisenstein et al. 2023)
+
+
+@dataclass
 class Config:
     """The whole resolved configuration of one run."""
 
@@ -284,6 +317,8 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
 
     # ---- derived values: computed here and nowhere else ----
     @property

@@ -11,7 +11,7 @@ import os
 
 from maxlm.config.schema import Config, ConfigError
 
-EXAMPLE_FORMATS = ("text", "prompt_completion", "messages", "alpaca")
+EXAMPLE_FORMATS = ("text", "prompt_completion", "messages", "alpaca", "preference")  # preference: maxlm.data.preference
 LOSS_ON = ("completion", "assistant", "all")
 TRUNCATIONS = ("drop", "left")
 TEMPLATE_CHOICES = ("auto", "tokenizer", "chatml")  # or a path to a .jinja file

@@ -13,7 +13,7 @@ import os
 from typing import Any
 
 from maxlm.config import Config, ConfigError, ModelConfig, check_static, parse_overrides
-from maxlm.convert.llama import LLAMA
+from maxlm.convert.llama import LLAMA, LLAMA_REWARD
 from maxlm.convert.mapping import REQUIRED, Architecture
 from maxlm.convert.mistral import MISTRAL
 from maxlm.convert.mixtral import MIXTRAL
@@ -23,6 +23,8 @@ from maxlm.convert.qwen3_moe import QWEN3_MOE
 # Order matters for export: a maxlm model goes to the first family whose `fixed` options it has (a dense model
 # without a window is a Llama, with one a Mistral).
 ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN3_MOE)}
+# Reward models (model.head=scalar), by Hugging Face class: config.json names it in `architectures`.
+SEQUENCE_CLASSIFIERS: dict[str, Architecture] = {a.hf_class: a for a in (LLAMA_REWARD,)}
 CONFIG_FILE = "config.json"
 
 
@@ -35,6 +37,9 @@ def read_hf_config(hf_dir: str) -> dict[str, Any]:
 
 
 def architecture_of(hf: dict[str, Any], where: str) -> Architecture:
+    for name in hf.get("architectures") or []:
+        if name in SEQUENCE_CLASSIFIERS and SEQUENCE_CLASSIFIERS[name].model_type == hf.get("model_type"):
+            return SEQUENCE_CLASSIFIERS[name]
     model_type = hf.get("model_type")
     if model_type not in ARCHITECTURES:
         raise ConfigError(f"{where}: model_type {model_type!r} is not supported; maxlm converts "
@@ -43,6 +48,14 @@ def architecture_of(hf: dict[str, Any], where: str) -> Architecture:
 
 
 def architecture_for(cfg: ModelConfig) -> Architecture:
+    """The family a maxlm model exports as: a causal LM, or a sequence classifier for model.head=scalar."""
+    if cfg.head == "scalar":
+        for arch in SEQUENCE_CLASSIFIERS.values():
+            if arch.matches(cfg):
+                return arch
+        raise ConfigError("a reward model (model.head=scalar) exports as "
+                          f"{', '.join(SEQUENCE_CLASSIFIERS)} only: it needs a dense Llama backbone (model.ffn=mlp, "
+                          "no sliding window)")
     for arch in ARCHITECTURES.values():
         if arch.matches(cfg):
             return arch

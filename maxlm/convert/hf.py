@@ -148,6 +148,8 @@ def from_hf(hf_dir: str, out_dir: str, overrides: list[str] | None = None, block
     cfg = load_config(None, overrides or [])
     explicit = parse_overrides(overrides or []).get("model", {})
     cfg.model = dataclasses.replace(cfg.model, **{k: v for k, v in fields.items() if k not in explicit})
+    if cfg.model.head == "scalar" and "objective" not in parse_overrides(overrides or []).get("train", {}):
+        cfg.train.objective = "reward"  # a sequence-classification model is a reward model
     check_static(cfg)
     out = epath.Path(writable_dir(out_dir, "OUT"))
     if any(out.iterdir()):

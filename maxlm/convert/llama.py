@@ -22,6 +22,7 @@ have (its `qkv_bias` is Qwen2's q/k/v-only biases), so it is refused, as are MLP
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from maxlm.config import ConfigError, ModelConfig
@@ -94,3 +95,17 @@ PLAIN_ATTENTION = {"qkv_bias": False, "qk_norm": False}
 LLAMA = Architecture(model_type="llama", hf_class="LlamaForCausalLM", config_keys=LLAMA_CONFIG_KEYS,
                      tensors=LLAMA_TENSORS, fixed={"ffn": "mlp", "sliding_window": 0} | PLAIN_ATTENTION, check=check,
                      normalize=normalize, derive=hf_options.rope_fields, extra_hf_config=extra_hf_config)
+
+# A reward model: `LlamaForSequenceClassification` with num_labels=1 is the same backbone without `lm_head`, plus
+# `score.weight` [1, D] (no bias) read at the last non-pad token; maxlm's `score.kernel` [D, 1] (model.head=scalar).
+LLAMA_REWARD_TENSORS = tuple(t for t in LLAMA_TENSORS if t.maxlm != ("lm_head",)) + (
+    TensorMap(("score", "kernel"), "score.weight", Linear(1), per_layer=False),)
+
+
+def reward_hf_config(cfg: ModelConfig) -> dict[str, Any]:
+    return extra_hf_config(cfg) | {"num_labels": 1, "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0},
+                                   "problem_type": "regression"}
+
+
+LLAMA_REWARD = dataclasses.replace(LLAMA, hf_class="LlamaForSequenceClassification", tensors=LLAMA_REWARD_TENSORS,
+                                   fixed=LLAMA.fixed | {"head": "scalar"}, extra_hf_config=reward_hf_config)

@@ -112,7 +112,7 @@ class Decoder(nn.Module):
                     x_BTD, segment_ids_BT, positions_BT, None if cache is None else cache[name])
 
         x_BTD = RMSNorm(c, name="final_norm")(x_BTD)
-        if hidden_only:
+        if hidden_only or c.head == "scalar":  # a reward model has no LM head (ScalarHead reads these states)
             out = x_BTD
         elif c.tie_embeddings:
             out = logits_from_hidden(c, x_BTD, embed.embedding)
@@ -125,9 +125,11 @@ class Decoder(nn.Module):
 
 def abstract_params(cfg: ModelConfig, seq_len: int = 8, lora: LoraSpec | None = None) -> Any:
     """Boxed (logically partitioned) parameter shapes, without allocating anything (with `lora`: adapters too)."""
+    from maxlm.model.heads import init_head_params
+
     model = Decoder(cfg, lora=lora)
     ids = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
-    return jax.eval_shape(lambda r, x: model.init(r, x), jax.random.key(0), ids)["params"]
+    return jax.eval_shape(lambda r, x: model.init(r, x)["params"] | init_head_params(cfg, r), jax.random.key(0), ids)
 
 
 def count_params_eval_shape(cfg: ModelConfig) -> int:

@@ -33,6 +33,8 @@ from maxlm.train.lora_state import LoraFrozen, check_base_pointer, init_lora_sta
     lora_loss
 from maxlm.train.objectives import OBJECTIVES, Objective
 from maxlm.train.optimizer import make_optimizer
+from maxlm.train.preference_batch import preference_sizes
+from maxlm.train.preference_run import frozen_abstract, load_start_params, preference_stream, reference_params
 from maxlm.train.state import StateLayout, TrainState, init_state, init_state_from_params, state_layout
 from maxlm.train.step import StepFn, make_train_step
 
@@ -56,7 +58,7 @@ class Core:
 
     def abstract_batch(self) -> Any:
         """ShapeDtypeStructs of one global batch (global_batch_size rows of data.seq_len), sharded."""
-        sizes = {"rows": self.cfg.train.global_batch_size, "length": self.cfg.data.seq_len}
+        sizes = {"rows": self.cfg.train.global_batch_size, "length": self.cfg.data.seq_len} | preference_sizes(self.cfg)
         return abstract_batch(self.objective.batch_type, sizes, self.batch_shardings)
 
 
@@ -127,7 +129,7 @@ def build_core(cfg: Config, mesh: jax.sharding.Mesh | None = None, *, check_back
     if spec is not None:
         layout, loss = lora_layout(cfg, model, tx, mesh, rules), lora_loss(loss)
     else:
-        layout = state_layout(cfg, model, tx, mesh, rules)
+        layout = state_layout(cfg, model, tx, mesh, rules, frozen=frozen_abstract(cfg, model))
     shardings = batch_shardings(objective.batch_type, mesh, rules)
     # A LoRA base is frozen, router bias included: DeepSeek-V3 bias balancing is a pretraining mechanism.
     hook = partial(router_bias_update, cfg.model) if uses_router_bias(cfg.model) and spec is None else None
@@ -146,7 +148,7 @@ def initial_state(core: Core) -> TrainState:
     if cfg.lora.enabled:
         return init_lora_state(cfg, core.model, core.tx, core.layout, core.mesh, core.rules)
     if cfg.load_parameters_from:
-        params = load_parameters(cfg.load_parameters_from, cfg, core.layout)
+        params = load_start_params(cfg.load_parameters_from, cfg, core.model, core.layout, core.mesh, core.rules)
         return init_state_from_params(params, core.tx, core.layout, core.mesh, core.rules)
     return init_state(cfg, core.model, core.tx, core.layout, core.mesh, core.rules, jax.random.key(cfg.seed))
 
@@ -158,12 +160,17 @@ def build_run(cfg: Config, *, resume: bool = False) -> Run:
     enable_compile_cache(cfg.train.compile_cache_dir)
     from maxlm.data.shards import ProcessBatches  # grain is imported only when data is needed
 
-    # This process's rows of each global batch, the same rows whatever the process count (maxlm.data.shards).
-    rows = cfg.train.global_batch_size
-    row_sharding = jax.tree_util.tree_leaves(core.batch_shardings)[0]
-    data_iter = ProcessBatches(cfg.data, vocab_size=cfg.model.vocab_size, global_batch_size=rows,
-                               rows=process_rows(row_sharding, rows), seed=cfg.seed, process_index=jax.process_index(),
-                               process_count=jax.process_count(), total_steps=cfg.train.steps)
+    if cfg.data.example_format == "preference":
+        data_iter, batches = preference_stream(cfg, core.model, core.layout, core.mesh, core.rules,
+                                               core.batch_shardings, jax.process_index(), jax.process_count())
+    else:
+        # This process's rows of each global batch, the same rows whatever the process count (maxlm.data.shards).
+        rows = cfg.train.global_batch_size
+        row_sharding = jax.tree_util.tree_leaves(core.batch_shardings)[0]
+        data_iter = ProcessBatches(cfg.data, vocab_size=cfg.model.vocab_size, global_batch_size=rows,
+                                   rows=process_rows(row_sharding, rows), seed=cfg.seed,
+                                   process_index=jax.process_index(), process_count=jax.process_count(), total_steps=cfg.train.steps)
+        batches = (global_batch(core.objective.batch_type, b, core.batch_shardings) for b in data_iter)
     rng = jax.random.key(cfg.seed + 1)
     checkpointer = Checkpointer(cfg, core.mesh) if resume else None
     try:
@@ -180,8 +187,8 @@ def build_run(cfg: Config, *, resume: bool = False) -> Run:
         log.info("resumed from step %d in %s", restored.step, checkpointer.directory)
     else:
         state = initial_state(core)
-    batch_type = core.objective.batch_type
-    batches = (global_batch(batch_type, b, core.batch_shardings) for b in data_iter)
+    if core.layout.abstract.frozen is not None:  # rebuilt from its source on every start: never checkpointed
+        state = state.replace(frozen=reference_params(cfg, core.model, core.layout, core.mesh, core.rules))
     return Run(core=core, state=state, batches=batches, data_iter=data_iter, hardware=resolve_hardware(cfg),
                flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len), rng=rng, checkpointer=checkpointer,
                resumed_from=restored.step if restored else None,

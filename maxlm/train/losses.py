@@ -103,8 +103,8 @@ def apply_model(cfg: Config, model: nn.Module, params: Any, ids_BT: jax.Array, s
     """The decoder on token rows: (logits, or final hidden states with `hidden_only`; the sum of its sown auxiliary
     losses; its MoE metrics, with `stats` for the bias update when it has any). `rng` drives router jitter (the only
     randomness in the decoder besides LoRA dropout); every objective built on the decoder shares this one call."""
-    rngs = {"router": rng} if cfg.model.ffn == "moe" and cfg.model.router_jitter > 0 else {}
-    if cfg.lora.enabled and cfg.lora.dropout > 0:  # adapter dropout (maxlm.model.lora), training only
+    rngs = {"router": rng} if cfg.model.ffn == "moe" and cfg.model.router_jitter > 0 and rng is not None else {}
+    if cfg.lora.enabled and cfg.lora.dropout > 0 and rng is not None:  # adapter dropout (maxlm.model.lora), training only
         rngs[DROPOUT_RNG] = jax.random.fold_in(rng, 1)
     out, state = model.apply({"params": params}, ids_BT, segment_ids_BT, positions_BT, hidden_only=hidden_only,
                              mutable=["aux", "moe"], rngs=rngs)

@@ -13,7 +13,10 @@ import flax.linen as nn
 
 from maxlm.config import Config
 from maxlm.train.batch import LmBatch
+from maxlm.train.dpo import make_dpo_loss
 from maxlm.train.losses import LossFn, make_pretrain_loss, make_sft_loss
+from maxlm.train.preference_batch import PreferenceBatch
+from maxlm.train.reward import make_reward_loss
 
 
 @dataclass(frozen=True)
@@ -28,4 +31,6 @@ class Objective:
 OBJECTIVES: dict[str, Objective] = {
     "pretrain": Objective("pretrain", LmBatch, make_pretrain_loss),
     "sft": Objective("sft", LmBatch, make_sft_loss),
+    "dpo": Objective("dpo", PreferenceBatch, make_dpo_loss),
+    "reward": Objective("reward", PreferenceBatch, make_reward_loss),
 }

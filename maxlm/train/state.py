@@ -45,8 +45,10 @@ class StateLayout:
 
 def init_params(model: Decoder, rng: jax.Array, seq_len: int) -> Any:
     """The model's boxed (logically partitioned) parameters from `model.init` on a short dummy row."""
+    from maxlm.model.heads import init_head_params
+
     ids = jnp.zeros((1, min(seq_len, 8)), jnp.int32)
-    return model.init(rng, ids)["params"]
+    return model.init(rng, ids)["params"] | init_head_params(model.cfg, rng)
 
 
 def sharded_layout(boxed: Any, mesh: Mesh, rules: LogicalRules) -> tuple[Any, Any, Any]:
