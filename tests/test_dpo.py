@@ -95,3 +95,53 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(pairs, frozen_run, 
         (r["step"], r["loss"], r["rewards/margins"]) for r in frozen_run]
     ckpt = tmp_path / "checkpoints" / "3"
     assert not any("frozen" in name for _, dirs, _ in os.walk(ckpt) for name in dirs)
+
+
+def test_reward_model_trains_and_scores_through_the_cli(pairs, tmp_path, capsys):
+    from maxlm.cli import main as cli_main
+
+    cfg = dpo_config(pairs, tmp_path / "rm", "train.objective=reward", "model.head=scalar", "dpo.reference=none",
+                     "dpo.loss_type=simpo", "reward.center_rewards_coef=0.01")
+    train(cfg, progress=False)
+    got = rows(tmp_path / "rm")
+    assert [r["step"] for r in got] == [1, 2, 3] and got[0]["loss"] > 0
+    assert all(0 <= r["accuracy"] <= 1 for r in got) and "margin" in got[0]
+    path, tok = pairs
+    out = tmp_path / "scores.jsonl"
+    assert cli_main(["reward", "score", str(tmp_path / "rm"), "--input", path, "--output", str(out)]) == 0
+    scored = [__import__("json").loads(line) for line in out.read_text().splitlines()]
+    assert len(scored) == 96 and all(isinstance(r["chosen_score"], float) for r in scored)
+    assert "accuracy" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, message", [
+    ("dpo.beta=0", "dpo.beta must be > 0"),
+    ("dpo.label_smoothing=0.5", "dpo.label_smoothing must be in [0, 0.5)"),
+    ("dpo.loss_type=[sigmoid,bogus]", "dpo.loss_type='bogus' is not one of"),
+    ("dpo.reference=none", "dpo.reference=none but dpo.loss_type 'sigmoid' needs a reference model"),
+    ("model.head=scalar", "train.objective=dpo with model.head=scalar"),
+])
+def test_bad_preference_keys_exit_2_with_one_line(pairs, tmp_path, capsys, override, message):
+    from maxlm.cli import main as cli_main
+
+    path, tok = pairs
+    code = cli_main(["train", "tiny", "model.vocab_size=512", "data.source=jsonl", "data.example_format=preference",
+                     f"data.path={path}", f"data.tokenizer={tok}", "train.objective=dpo", f"run_dir={tmp_path}",
+                     override])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1
+
+
+def test_a_reference_of_another_shape_is_one_line_exit_2(pairs, tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    from maxlm.cli import main as cli_main
+
+    hf_cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    transformers.LlamaForCausalLM(hf_cfg).save_pretrained(tmp_path / "ref")
+    path, tok = pairs
+    code = cli_main(["train", "tiny", "model.vocab_size=512", "data.source=jsonl", "data.example_format=preference",
+                     f"data.path={path}", f"data.tokenizer={tok}", "train.objective=dpo", "data.seq_len=128",
+                     f"dpo.reference_from={tmp_path / 'ref'}", f"run_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "dpo.reference_from" in err and "shape" in err and len(err.splitlines()) == 1
