@@ -79,8 +79,7 @@ def test_frozen_and_precomputed_give_the_same_losses(pairs, frozen_run, tmp_path
 
 def test_mesh_layouts_and_accumulation_keep_the_losses(pairs, frozen_run, tmp_path):
     """Pairs are never split: other data/fsdp/tensor layouts and 2 microbatches give the same losses."""
-    for i, extra in enumerate([("train.grad_accum=2",), ("mesh.data=8", "mesh.fsdp=1", "mesh.tensor=1"),
-                               ("mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2")]):
+    for i, extra in enumerate([("train.grad_accum=2",), ("mesh.data=8", "mesh.fsdp=1", "mesh.tensor=1")]):
         train(dpo_config(pairs, tmp_path / str(i), "dpo.reference=frozen", *extra), progress=False)
         assert_close_rows(rows(tmp_path / str(i)), frozen_run, 1e-5)
 
@@ -139,6 +138,7 @@ def test_a_reference_of_another_shape_is_one_line_exit_2(pairs, tmp_path, capsys
     hf_cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2)
     transformers.LlamaForCausalLM(hf_cfg).save_pretrained(tmp_path / "ref")
+    capsys.readouterr()  # transformers' own progress output
     path, tok = pairs
     code = cli_main(["train", "tiny", "model.vocab_size=512", "data.source=jsonl", "data.example_format=preference",
                      f"data.path={path}", f"data.tokenizer={tok}", "train.objective=dpo", "data.seq_len=128",
