@@ -48,7 +48,8 @@ def init_params(cfg: Config, model: nn.Module, layout: StateLayout, mesh: Mesh, 
 
 
 def _source_has_score(path: str) -> bool:
-    from maxlm.convert.hf import is_hf_dir, read_hf_config
+    from maxlm.convert.families import read_hf_config
+    from maxlm.convert.hf import is_hf_dir
     from maxlm.convert.params_store import model_config_from_meta
     from maxlm.checkpoint_format import read_meta, resolve_step_dir
 
@@ -95,7 +96,8 @@ def reference_params(cfg: Config, model: nn.Module, layout: StateLayout, mesh: M
 
 def _check_reference_shapes(src: str, cfg: Config, layout: StateLayout, where: str) -> None:
     """A reference of another shape is refused in one line before anything is read."""
-    from maxlm.convert.hf import is_hf_dir, model_config_from_hf, read_hf_config
+    from maxlm.convert.families import model_config_from_hf, read_hf_config
+    from maxlm.convert.hf import is_hf_dir
     from maxlm.convert.params_store import model_config_from_meta
     from maxlm.model import abstract_params
     from maxlm.checkpoint_format import read_meta, resolve_step_dir
