@@ -36,9 +36,6 @@ def check_preference(cfg: Config) -> None:
         if d.mixture:
             raise ConfigError("data.example_format=preference reads one source (data.path); data.mixture is for "
                               "pretraining text")
-    elif d.packing == "none":
-        raise ConfigError("data.packing=none (one pair per group, unpacked) is for data.example_format=preference; "
-                          "use first_fit or best_fit")
     if t.objective in PREFERENCE_OBJECTIVES and d.example_format != "preference" and d.source != "synthetic":
         raise ConfigError(f"train.objective={t.objective} trains on pairs: set data.example_format=preference")
     if not isinstance(p.loss_type, (str, list)) or not loss_types(cfg):

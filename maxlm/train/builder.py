@@ -34,6 +34,7 @@ from maxlm.train.lora_state import LoraFrozen, check_base_pointer, init_lora_sta
 from maxlm.train.objectives import OBJECTIVES, Objective
 from maxlm.train.optimizer import make_optimizer
 from maxlm.train.preference_batch import preference_sizes
+from maxlm.train.reference import uses_frozen
 from maxlm.train.preference_run import frozen_abstract, load_start_params, preference_stream, reference_params
 from maxlm.train.state import StateLayout, TrainState, init_state, init_state_from_params, state_layout
 from maxlm.train.step import StepFn, make_train_step
@@ -187,7 +188,7 @@ def build_run(cfg: Config, *, resume: bool = False) -> Run:
         log.info("resumed from step %d in %s", restored.step, checkpointer.directory)
     else:
         state = initial_state(core)
-    if core.layout.abstract.frozen is not None:  # rebuilt from its source on every start: never checkpointed
+    if uses_frozen(cfg):  # the DPO reference: rebuilt from its source on every start, never checkpointed
         state = state.replace(frozen=reference_params(cfg, core.model, core.layout, core.mesh, core.rules))
     return Run(core=core, state=state, batches=batches, data_iter=data_iter, hardware=resolve_hardware(cfg),
                flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len), rng=rng, checkpointer=checkpointer,
