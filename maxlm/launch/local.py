@@ -75,7 +75,9 @@ def run(launch: LocalLaunch, *, out=sys.stderr) -> int:
     failed: tuple[int, int] | None = None  # (process, exit code) of the first failure
     deadline = None
     try:
-        while any(p.poll() is None for p in procs):
+        # Poll every child each round (`any` over a generator would stop at the first live one and never see a
+        # later process die).
+        while None in [p.poll() for p in procs]:
             if failed is None:
                 for i, p in enumerate(procs):
                     if p.returncode not in (None, 0):
