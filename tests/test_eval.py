@@ -144,8 +144,6 @@ def test_win_rate_with_a_stand_in_judge() -> None:
 
 
 def test_winrate_judged_by_a_reward_model(run, capsys) -> None:
-    pytest.importorskip("maxlm.train.reward_score", reason="reward models (model.head=scalar) come with the "
-                        "preference branch")
     root, overrides, cfg, *_ = run
     # Model B: other random weights; the judge: a scalar-head (reward) model over the same tokenizer.
     for name, extra, seed in [("b", [], 5), ("judge", ["model.head=scalar", "train.objective=reward"], 7)]:

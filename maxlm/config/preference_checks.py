@@ -77,9 +77,13 @@ def check_preference(cfg: Config) -> None:
         fix = "model.head=scalar" if t.objective == "reward" else "model.head=lm"
         raise ConfigError(f"train.objective={t.objective} with model.head={cfg.model.head}: set {fix} (reward models "
                           "have the scalar head, every other objective the LM head)")
-    if t.objective == "dpo" and p.reference == "frozen" and cfg.lora.enabled:
-        raise ConfigError("dpo.reference=frozen keeps a second copy beside the LoRA base; with lora.enabled use "
-                          "dpo.reference=precomputed")
+    if p.reference == "base":
+        if not cfg.lora.enabled:
+            raise ConfigError("dpo.reference=base is the LoRA base model without its adapters: set lora.enabled=true, "
+                              "or use dpo.reference=frozen or precomputed")
+        if p.reference_from:
+            raise ConfigError("dpo.reference=base uses the LoRA base (load_parameters_from) as the reference: unset "
+                              "dpo.reference_from, or use dpo.reference=frozen to load another reference")
     if d.example_format == "preference" and d.cache_dir:
         raise ConfigError("data.cache_dir holds pretraining documents; preference pairs are read from data.path and "
                           "cached in run_dir/preference (unset data.cache_dir)")

@@ -49,7 +49,7 @@ HEAD_NAMES = ("lm", "scalar")
 PREFERENCE_LOSS_NAMES = ("sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "sppo_hard", "apo_zero",
                          "apo_down", "sigmoid_norm", "orpo", "simpo")
 REFERENCE_FREE_NAMES = ("orpo", "simpo")
-REFERENCE_MODES = ("frozen", "precomputed", "none")
+REFERENCE_MODES = ("frozen", "precomputed", "base", "none")  # base: the LoRA base without adapters
 REMAT_NAMES = ("none", "full", "dots", "dots_no_batch")
 # Projections an adapter can target by name (maxlm.model.lora.PROJECTION_NAMES must hold exactly these): attention
 # q/k/v/o, the dense SwiGLU gate/up/down, and MoE shared experts. Anything else in `lora.targets` is a pattern.
@@ -291,7 +291,7 @@ class DpoConfig:
     label_smoothing: float = 0.0  # conservative DPO / robust / exo_pair epsilon, in [0, 0.5)
     sft_weight: float = 0.0  # adds this x the chosen responses' per-token NLL
     simpo_gamma: float = 0.5  # SimPO's target reward margin
-    reference: str = "frozen"  # frozen | precomputed | none (reference-free losses: orpo, simpo)
+    reference: str = "frozen"  # frozen | precomputed | base (LoRA) | none (reference-free losses: orpo, simpo)
     reference_from: str = ""  # reference weights: a maxlm checkpoint or HF directory; "": the starting weights
 
 

@@ -24,6 +24,7 @@ from maxlm.config import Config, ConfigError, ModelConfig, config_from_dict
 from maxlm.convert.layout import Unit, param_leaves
 from maxlm.convert.params_store import CheckpointUnitSource, ParamsReader, ParamsWriter
 from maxlm.convert.peft import adapter_leaves, spec_from_pointer
+from maxlm.model.heads import SCORE
 from maxlm.model.lora import A_SUFFIX, B_SUFFIX, LoraSpec
 
 
@@ -42,6 +43,8 @@ class InitUnitSource:
         self.leaves = {leaf.path: leaf for leaf in param_leaves(cfg)}
         self.units: dict[Unit, np.ndarray] = {}
         for leaf in self.leaves.values():
+            if leaf.path[0] not in params:  # a reward head: not part of the base (it trained with the adapters)
+                continue
             x = params
             for k in leaf.path:
                 x = x[k]
@@ -113,6 +116,9 @@ def _write_merged(step_dir: str, cfg: Config, spec: LoraSpec, pointer: dict[str,
     for leaf in leaves:
         a_path = leaf.path[:-1] + (leaf.path[-1] + A_SUFFIX,)
         b_path = leaf.path[:-1] + (leaf.path[-1] + B_SUFFIX,)
+        if leaf.path[0] == SCORE:  # a reward model's head trains with the adapters and lives in the checkpoint
+            writer.write(leaf.path, np.asarray(reader.read(leaf.path, ()), np.float32), ())
+            continue
         for j, unit in enumerate(leaf.units()):
             w = np.asarray(base.read_unit(unit, leaf.unit_shape)).astype(held).astype(np.float32)
             if a_path in adapters:

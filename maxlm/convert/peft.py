@@ -16,6 +16,7 @@ import os
 from typing import Any
 
 import flax.linen as nn
+import jax
 import numpy as np
 
 from maxlm.checkpoint_format import read_meta, resolve_step_dir
@@ -23,12 +24,14 @@ from maxlm.config import Config, ConfigError, ModelConfig
 from maxlm.convert.layout import Leaf, Unit, assemble_params, classify_leaves, unit_name
 from maxlm.convert.mapping import Architecture
 from maxlm.convert.params_store import ParamsReader, model_config_from_meta
+from maxlm.model.heads import SCORE
 from maxlm.model.lora import A_SUFFIX, B_SUFFIX, LoraSpec, base_name, split_adapters
 from maxlm.model.transformer import abstract_params
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+SCORE_KEY = PREFIX + SCORE + ".weight"  # a reward head saved as modules_to_save (PEFT strips the wrapper)
 
 
 def is_peft_dir(path: str) -> bool:
@@ -129,12 +132,17 @@ def export_peft(checkpoint: str, out_dir: str) -> str:
     for leaf, j, unit, key, _ in _units(cfg, spec, architecture_for(cfg)):
         x = reader.read(leaf.path, (j,) if leaf.stacked else ())
         tensors[key] = to_peft(leaf.local, np.asarray(x, np.float32))
+    head = cfg.head == "scalar"  # a reward model's head trained beside the adapters: PEFT's modules_to_save
+    if head:
+        tensors[SCORE_KEY] = np.ascontiguousarray(np.asarray(reader.read((SCORE, "kernel"), ()), np.float32).T)
     os.makedirs(out_dir, exist_ok=True)
     save_file(tensors, os.path.join(out_dir, ADAPTER_WEIGHTS), metadata={"format": "pt"})
     dropout = float(((meta.get("config") or {}).get("lora") or {}).get("dropout", 0.0))
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": spec.rank, "lora_alpha": spec.alpha,
-              "lora_dropout": dropout, "use_rslora": spec.rslora, "bias": "none", "fan_in_fan_out": False,
-              "target_modules": target_modules(list(tensors), cfg.n_layers), "init_lora_weights": True, "inference_mode": True,
+    config = {"peft_type": "LORA", "task_type": "SEQ_CLS" if head else "CAUSAL_LM", "r": spec.rank,
+              "lora_alpha": spec.alpha, "lora_dropout": dropout, "use_rslora": spec.rslora, "bias": "none",
+              "fan_in_fan_out": False, "target_modules": target_modules([k for k in tensors if k != SCORE_KEY],
+                                                                        cfg.n_layers),
+              "modules_to_save": [SCORE] if head else None, "init_lora_weights": True, "inference_mode": True,
               "base_model_name_or_path": pointer.get("base")}
     with open(os.path.join(out_dir, ADAPTER_CONFIG), "w") as f:
         json.dump(config, f, indent=2)
@@ -191,10 +199,23 @@ def load_peft_adapters(path: str, cfg: Config, abstract: Any) -> Any:
             source.check_unit(unit, shape)
         except ConfigError as e:
             raise ConfigError(f"lora.load_adapter_from={path}: {e}") from None
-    extra = sorted(source.available - set(source.keys.values()))
+    head = cfg.model.head == "scalar"
+    if head and SCORE_KEY not in source.available:
+        raise ConfigError(f"lora.load_adapter_from={path} has no {SCORE_KEY}: a reward model's adapter carries its "
+                          "head (PEFT modules_to_save=['score']); use an adapter trained as a sequence classifier")
+    extra = sorted(source.available - set(source.keys.values()) - ({SCORE_KEY} if head else set()))
     if extra:
         raise ConfigError(f"lora.load_adapter_from={path} adapts {len(extra)} tensor(s) this run's lora.targets do not, "
                           f"e.g. {extra[0]}; set lora.targets to the adapter's target_modules")
     leaves = list({leaf.path: leaf for leaf, *_ in units}.values())
-    return assemble_params(source, cfg.model, abstract, f"lora.load_adapter_from={path}", leaves=leaves)
+    body = {k: v for k, v in abstract.items() if k != SCORE}
+    adapters = assemble_params(source, cfg.model, body, f"lora.load_adapter_from={path}", leaves=leaves)
+    if head:
+        target = abstract[SCORE]["kernel"]
+        kernel = source.file.get_tensor(SCORE_KEY).T
+        if kernel.shape != target.shape:
+            raise ConfigError(f"lora.load_adapter_from={path}: {SCORE_KEY} has shape {kernel.shape[::-1]}, this model "
+                              f"needs {target.shape[::-1]}")
+        adapters[SCORE] = {"kernel": jax.device_put(kernel.astype(target.dtype), target.sharding)}
+    return adapters
 

@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 
-from maxlm.config import ConfigError
 from maxlm.generate.engine import Completion, Request
 
 Judge = Callable[[list[list[int]]], list[float]]
@@ -27,11 +26,7 @@ BOOTSTRAP = 2000
 
 def load_judge(checkpoint: str, batch_size: int = 16) -> Judge:
     """A judge from a maxlm reward-model checkpoint (run directory, checkpoint directory or step directory)."""
-    try:
-        from maxlm.train.reward_score import load_reward_model, score_sequences
-    except ImportError:  # reward models (train.objective=reward) are not part of this build yet
-        raise ConfigError("--task winrate needs a reward model trained with train.objective=reward, which this "
-                          "version of maxlm cannot train yet; use --task loss or --task choice") from None
+    from maxlm.train.reward_score import load_reward_model, score_sequences
 
     model_cfg, params, _ = load_reward_model(checkpoint)
     return lambda seqs: score_sequences(model_cfg, params, seqs, batch_size)

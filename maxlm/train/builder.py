@@ -127,10 +127,11 @@ def build_core(cfg: Config, mesh: jax.sharding.Mesh | None = None, *, check_back
     tx, schedule = make_optimizer(cfg)
     objective = OBJECTIVES[cfg.train.objective]
     loss = objective.make_loss(cfg, model)
-    if spec is not None:
-        layout, loss = lora_layout(cfg, model, tx, mesh, rules), lora_loss(loss)
+    if spec is not None:  # dpo.reference=base: the base without adapters is the reference (no second copy)
+        layout = lora_layout(cfg, model, tx, mesh, rules, objective_frozen=frozen_abstract(cfg))
+        loss = lora_loss(loss, base_is_reference=cfg.train.objective == "dpo" and cfg.dpo.reference == "base")
     else:
-        layout = state_layout(cfg, model, tx, mesh, rules, frozen=frozen_abstract(cfg, model))
+        layout = state_layout(cfg, model, tx, mesh, rules, frozen=frozen_abstract(cfg))
     shardings = batch_shardings(objective.batch_type, mesh, rules)
     # A LoRA base is frozen, router bias included: DeepSeek-V3 bias balancing is a pretraining mechanism.
     hook = partial(router_bias_update, cfg.model) if uses_router_bias(cfg.model) and spec is None else None
@@ -189,7 +190,8 @@ def build_run(cfg: Config, *, resume: bool = False) -> Run:
     else:
         state = initial_state(core)
     if uses_frozen(cfg):  # the DPO reference: rebuilt from its source on every start, never checkpointed
-        state = state.replace(frozen=reference_params(cfg, core.model, core.layout, core.mesh, core.rules))
+        reference = reference_params(cfg, core.model, core.layout, core.mesh, core.rules)
+        state = state.replace(frozen=state.frozen.replace(objective=reference) if cfg.lora.enabled else reference)
     return Run(core=core, state=state, batches=batches, data_iter=data_iter, hardware=resolve_hardware(cfg),
                flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len), rng=rng, checkpointer=checkpointer,
                resumed_from=restored.step if restored else None,

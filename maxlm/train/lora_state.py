@@ -23,6 +23,7 @@ from maxlm.checkpoint_format import ITEM_PARAMS, lora_base_pointer, read_meta, r
 from maxlm.config import Config, ConfigError
 from maxlm.mesh import LogicalRules, mesh_context
 from maxlm.model import Decoder
+from maxlm.model.heads import SCORE
 from maxlm.model.lora import A_SUFFIX, PROJECTION_NAMES, LoraSpec, base_name, join, split_adapters
 from maxlm.train.losses import LossFn
 from maxlm.train.state import StateLayout, TrainState, init_params, init_state_from_params, state_layout
@@ -44,10 +45,20 @@ def adapted_paths(adapters: Any) -> list[str]:
                    if path_parts(p)[-1].endswith(A_SUFFIX)})
 
 
+def trainable_split(tree: dict) -> tuple[dict, dict]:
+    """(trainable, frozen) parts of the adapted model's tree: the adapters, plus a reward model's scalar head, which
+    starts fresh and must train (what PEFT's `modules_to_save` does for a sequence-classification head)."""
+    adapters, base = split_adapters(tree)
+    if SCORE in base:
+        base = dict(base)
+        adapters = dict(adapters) | {SCORE: base.pop(SCORE)}
+    return adapters, base
+
+
 def _abstract_adapters(cfg: Config, spec: LoraSpec) -> dict:
     model = Decoder(cfg.model, lora=spec)
     full = jax.eval_shape(lambda r: init_params(model, r, cfg.data.seq_len), jax.random.key(0))
-    return split_adapters(full)
+    return trainable_split(full)
 
 
 def check_targets(cfg: Config, spec: LoraSpec, adapters: Any) -> None:
@@ -121,7 +132,8 @@ def load_base(cfg: Config, layout: StateLayout, mesh: jax.sharding.Mesh, rules: 
     dtype = base_dtype(cfg)
 
     def init(r: jax.Array) -> Any:
-        return jax.tree_util.tree_map(lambda x: x.astype(dtype), nn.unbox(init_params(plain, r, cfg.data.seq_len)))
+        base = trainable_split(nn.unbox(init_params(plain, r, cfg.data.seq_len)))[1]
+        return jax.tree_util.tree_map(lambda x: x.astype(dtype), base)
 
     with mesh_context(mesh, rules):
         return jax.jit(init, out_shardings=shardings)(jax.random.key(cfg.seed))
@@ -130,13 +142,13 @@ def load_base(cfg: Config, layout: StateLayout, mesh: jax.sharding.Mesh, rules: 
 def initial_adapters(cfg: Config, model: Decoder, layout: StateLayout, mesh: jax.sharding.Mesh,
                      rules: LogicalRules) -> Any:
     """Adapters from `lora.load_adapter_from` (PEFT directory or maxlm LoRA checkpoint), else A as PEFT initialises
-    it and B = 0 (the model starts at the base)."""
+    it and B = 0 (the model starts at the base); a reward model's head is freshly initialised with them."""
     abstract, shardings = layout.abstract.params, layout.shardings.params
     if cfg.lora.load_adapter_from:
         return load_adapters(cfg.lora.load_adapter_from, cfg, abstract, shardings)
 
     def init(r: jax.Array) -> Any:
-        return split_adapters(nn.unbox(init_params(model, r, cfg.data.seq_len)))[0]
+        return trainable_split(nn.unbox(init_params(model, r, cfg.data.seq_len)))[0]
 
     with mesh_context(mesh, rules):
         return jax.jit(init, out_shardings=shardings)(jax.random.key(cfg.seed))

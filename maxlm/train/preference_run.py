@@ -22,22 +22,37 @@ from jax.sharding import Mesh
 
 from maxlm.config import Config, ConfigError
 from maxlm.mesh import LogicalRules, mesh_context
+from maxlm.model import Decoder
 from maxlm.model.heads import SCORE
 from maxlm.train.batch import global_batch
 from maxlm.train.preference_batch import PreferenceBatch
 from maxlm.train.reference import attach_precomputed, ensure_same_shapes, reference_source, uses_frozen
-from maxlm.train.state import StateLayout
+from maxlm.train.state import StateLayout, sharded_layout
 from maxlm.train.state import init_params as init_params_boxed
 
 log = logging.getLogger(__name__)
 
 
-def frozen_abstract(cfg: Config, model: nn.Module) -> Any:
-    """The boxed abstract tree of `TrainState.frozen` (the parameters' own shapes and logical axes), or None when the
-    run has no frozen reference."""
+def frozen_abstract(cfg: Config) -> Any:
+    """The boxed abstract tree of the frozen reference (the plain model's shapes and logical axes: a reference has
+    no LoRA adapters), or None when the run has no frozen reference."""
     if not uses_frozen(cfg):
         return None
-    return jax.eval_shape(lambda r: init_params_boxed(model, r, cfg.data.seq_len), jax.random.key(0))
+    return jax.eval_shape(lambda r: init_params_boxed(Decoder(cfg.model), r, cfg.data.seq_len), jax.random.key(0))
+
+
+def reference_layout(cfg: Config, model: nn.Module, layout: StateLayout, mesh: Mesh, rules: LogicalRules
+                     ) -> tuple[nn.Module, StateLayout]:
+    """The model and a layout whose `params` are the reference's. Without LoRA that is the run's own; with LoRA the
+    state's `params` are the adapters, so the reference (a full model without adapters) gets the plain model's
+    tree, sharded by the same rules."""
+    if not cfg.lora.enabled:
+        return model, layout
+    plain = Decoder(cfg.model)
+    boxed = jax.eval_shape(lambda r: init_params_boxed(plain, r, cfg.data.seq_len), jax.random.key(0))
+    abstract, logical, shardings = sharded_layout(boxed, mesh, rules)
+    return plain, StateLayout(abstract=layout.abstract.replace(params=abstract), logical=logical,
+                              shardings=layout.shardings.replace(params=shardings))
 
 
 def init_params(cfg: Config, model: nn.Module, layout: StateLayout, mesh: Mesh, rules: LogicalRules) -> Any:
@@ -84,7 +99,9 @@ def load_start_params(path: str, cfg: Config, model: nn.Module, layout: StateLay
 
 
 def reference_params(cfg: Config, model: nn.Module, layout: StateLayout, mesh: Mesh, rules: LogicalRules) -> Any:
-    """The reference weights on the parameters' shards: `dpo.reference_from`, else the run's starting weights."""
+    """The reference weights on the parameters' shards: `dpo.reference_from`, else the run's starting weights
+    (with LoRA: the base, in the model's parameter dtype)."""
+    model, layout = reference_layout(cfg, model, layout, mesh, rules)
     src = reference_source(cfg)
     if not src:
         return init_params(cfg, model, layout, mesh, rules)

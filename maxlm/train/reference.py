@@ -9,6 +9,9 @@
                the batch carries them (`ref_chosen_logps`, `ref_rejected_logps`). The file is named by the
                reference's identity and the data's content hash: a resumed or later run reuses it, a change of
                either rebuilds it.
+  base         with LoRA, the base weights without the adapters (maxlm.train.lora_state.lora_loss hands the base
+               tree to the loss as its frozen tree): no second copy and no extra pass over the data (TRL disables
+               the adapters for the reference pass; Tunix shares the backbone).
   none         reference-free losses (orpo, simpo).
 Both frozen and precomputed compute the reference with the same function (`pair_logps` without router jitter),
 so they agree to rounding.
@@ -48,7 +51,7 @@ def reference_logps(cfg: Config, model: nn.Module, batch: Any, frozen: Any
     mode = cfg.dpo.reference
     if mode == "precomputed":
         return batch.ref_chosen_logps, batch.ref_rejected_logps
-    if mode == "frozen":
+    if mode in ("frozen", "base"):  # base: `frozen` is the LoRA base tree, so the decoder runs without adapters
         (rc, rr, _, _), _, _ = pair_logps(cfg, model, jax.lax.stop_gradient(frozen), batch, None)
         return jax.lax.stop_gradient(rc), jax.lax.stop_gradient(rr)
     return None, None

@@ -23,7 +23,8 @@ BUCKET = 64
 
 
 def load_reward_model(checkpoint: str) -> tuple[ModelConfig, Any, dict]:
-    """(model config, parameters on the default device, the checkpoint's saved config) of a reward checkpoint."""
+    """(model config, parameters on the default device, the checkpoint's saved config) of a reward checkpoint; a
+    LoRA run's checkpoint is merged into its base first (maxlm.convert.lora_merge, into a temporary directory)."""
     import orbax.checkpoint as ocp
 
     from maxlm.convert.params_store import model_config_from_meta
@@ -31,6 +32,14 @@ def load_reward_model(checkpoint: str) -> tuple[ModelConfig, Any, dict]:
 
     step_dir, _ = resolve_step_dir(checkpoint)
     meta = read_meta(step_dir)
+    if "lora" in meta:
+        import tempfile
+
+        from maxlm.convert.lora_merge import merge_checkpoint
+
+        with tempfile.TemporaryDirectory(prefix="maxlm-reward-") as tmp:
+            model_cfg, params, _ = load_reward_model(merge_checkpoint(step_dir, tmp))
+            return model_cfg, params, meta.get("config") or {}
     model_cfg = model_config_from_meta(meta)
     if model_cfg.head != "scalar":
         raise ConfigError(f"{checkpoint} is not a reward model (model.head={model_cfg.head}); train one with "
