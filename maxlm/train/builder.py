@@ -26,7 +26,7 @@ from maxlm.model.lora import lora_spec
 from maxlm.model.moe import router_bias_update, uses_router_bias
 from maxlm.train.batch import abstract_batch, batch_shardings, global_batch
 from maxlm.checkpoint_format import read_meta
-from maxlm.train.checkpoint import Checkpointer, load_parameters
+from maxlm.train.checkpoint import Checkpointer
 from maxlm.train.evaluate import make_evaluator
 from maxlm.train.memory_guard import check_memory
 from maxlm.train.lora_state import LoraFrozen, check_base_pointer, init_lora_state, load_base, lora_layout, \
