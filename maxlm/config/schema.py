@@ -53,7 +53,8 @@ REFERENCE_MODES = ("frozen", "precomputed", "base", "none")  # base: the LoRA ba
 REMAT_NAMES = ("none", "full", "dots", "dots_no_batch")
 # Projections an adapter can target by name (maxlm.model.lora.PROJECTION_NAMES must hold exactly these): attention
 # q/k/v/o, the dense SwiGLU gate/up/down, and MoE shared experts. Anything else in `lora.targets` is a pattern.
-LORA_TARGET_NAMES = ("q", "k", "v", "o", "gate", "up", "down", "shared_gate", "shared_up", "shared_down")
+LORA_TARGET_NAMES = ("q", "k", "v", "o", "gate", "up", "down", "shared_gate", "shared_up", "shared_down",
+                     "expert_gate", "expert_up", "expert_down")  # expert_*: the routed experts' [E, in, out] weights
 
 
 @dataclass

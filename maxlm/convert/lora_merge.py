@@ -25,7 +25,7 @@ from maxlm.convert.layout import Unit, param_leaves
 from maxlm.convert.params_store import CheckpointUnitSource, ParamsReader, ParamsWriter
 from maxlm.convert.peft import adapter_leaves, spec_from_pointer
 from maxlm.model.heads import SCORE
-from maxlm.model.lora import A_SUFFIX, B_SUFFIX, LoraSpec
+from maxlm.model.lora import A_SUFFIX, B_SUFFIX, LoraSpec, adapter_product
 
 
 class InitUnitSource:
@@ -125,7 +125,7 @@ def _write_merged(step_dir: str, cfg: Config, spec: LoraSpec, pointer: dict[str,
                 index = (j,) if leaf.stacked else ()
                 a = np.asarray(reader.read(a_path, index), np.float32)
                 b = np.asarray(reader.read(b_path, index), np.float32)
-                w = w + spec.scale * (a.reshape(-1, spec.rank) @ b.reshape(spec.rank, -1)).reshape(w.shape)
+                w = w + spec.scale * np.asarray(adapter_product(a, b, w.ndim))  # experts: one product each
             writer.write(leaf.path, w, (j,) if leaf.stacked else ())
     writer.finalize()
     import jax

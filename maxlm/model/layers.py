@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from maxlm.config import ModelConfig
-from maxlm.model.lora import A_SUFFIX, adapter_delta
+from maxlm.model.lora import adapter_delta, adapts
 from maxlm.model.precision import resolve_dtype
 
 Names = tuple[str | None, ...]
@@ -39,11 +39,8 @@ def project(module: nn.Module, name: str, x: jax.Array, eq: str, shape: tuple[in
     dtype = compute_dtype(c)
     w = param(module, name, nn.initializers.normal(c.init_std), shape, names, jnp.dtype(c.param_dtype))
     y = jnp.einsum(eq, x, w.astype(dtype))
-    spec = getattr(module, "lora", None)
-    # Applied to a tree without adapters (the frozen base, e.g. as a DPO reference) the adapted model is the base.
-    if spec is not None and spec.selects("/".join(module.path + (name,))) and (
-            module.is_initializing() or module.has_variable("params", name + A_SUFFIX)):
-        y = y + adapter_delta(module, name, x, eq, shape, names, spec, dtype).astype(y.dtype)
+    if adapts(module, name):
+        y = y + adapter_delta(module, name, x, eq, shape, names, module.lora, dtype).astype(y.dtype)
     return y
 
 

@@ -29,9 +29,12 @@ import jax.numpy as jnp
 from maxlm.config import LORA_TARGET_NAMES, Config
 from maxlm.config.lora_checks import target_kind
 
-# The names `project` is called with (attention, dense MLP, MoE shared experts); equal to the schema's list.
-PROJECTION_NAMES = ("q", "k", "v", "o", "gate", "up", "down", "shared_gate", "shared_up", "shared_down")
+# The names `project` is called with (attention, dense MLP, MoE shared experts), then the routed experts' weights
+# as targets name them (`layers/moe/gate` is selected as `layers/moe/expert_gate`); equal to the schema's list.
+PROJECTION_NAMES = ("q", "k", "v", "o", "gate", "up", "down", "shared_gate", "shared_up", "shared_down",
+                    "expert_gate", "expert_up", "expert_down")
 assert PROJECTION_NAMES == LORA_TARGET_NAMES
+EXPERT_MODULE, EXPERT_WEIGHTS = "moe", ("gate", "up", "down")  # maxlm.model.moe.MoE's name and its [E, ...] weights
 A_SUFFIX, B_SUFFIX = "_lora_a", "_lora_b"
 DROPOUT_RNG = "lora_dropout"
 
@@ -52,13 +55,32 @@ class LoraSpec:
 
     def matches(self, target: str, path: str) -> bool:
         """Whether one target selects the weight at `path` (`layers/attn/q`): a name matches the last element, a
-        pattern is searched anywhere in the path."""
+        pattern is searched anywhere in the path (routed experts' weights as `.../moe/expert_gate`)."""
+        path = selection_path(path)
         if target_kind(target) == "name":
             return path.rsplit("/", 1)[-1] == target
         return re.search(target, path) is not None
 
     def selects(self, path: str) -> bool:
         return any(self.matches(t, path) for t in self.targets)
+
+
+def selection_path(path: str) -> str:
+    """The path targets are matched against: the weight's own, except a routed expert weight `.../moe/gate` is
+    `.../moe/expert_gate` (so `gate` keeps meaning the dense MLP's projection)."""
+    parts = path.split("/")
+    if len(parts) >= 2 and parts[-2] == EXPERT_MODULE and parts[-1] in EXPERT_WEIGHTS:
+        return "/".join(parts[:-1] + ["expert_" + parts[-1]])
+    return path
+
+
+def adapts(module: nn.Module, name: str) -> bool:
+    """Whether the module's weight `name` carries an adapter here: the spec selects it, and the parameter tree has
+    the adapter (applied to a tree without adapters, e.g. the frozen base as a DPO reference, the model is the
+    base)."""
+    spec = getattr(module, "lora", None)
+    return spec is not None and spec.selects("/".join(module.path + (name,))) and (
+        module.is_initializing() or module.has_variable("params", name + A_SUFFIX))
 
 
 def lora_spec(cfg: Config) -> LoraSpec | None:
@@ -157,19 +179,38 @@ def adapter_delta(module: nn.Module, name: str, x: jax.Array, eq: str, shape: tu
     return spec.scale * jnp.einsum(f"{mid},{r}{w_sub[n_in:]}->{out_sub}", xa, b.astype(dtype))
 
 
-def merged_weight(w: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
-    """W + scale * A B for one adapted weight (or a stack of them: W [L, in..., out...], A [L, in..., r],
-    B [L, r, out...]), computed in float32 and returned in W's dtype."""
-    stacked = a.ndim + b.ndim - 2 == w.ndim + 1
-    lead = 1 if stacked else 0
-    n_in = a.ndim - 1 - lead
+def adapter_product(a: jax.Array, b: jax.Array, w_ndim: int) -> jax.Array:
+    """A B for one adapted weight or a batch of them: W [batch..., in..., out...], A [batch..., in..., r],
+    B [batch..., r, out...], where the batch dims (layers of a scanned stack, experts, or both) lead all three."""
+    n_batch = a.ndim + b.ndim - 2 - w_ndim
+    n_in = a.ndim - 1 - n_batch
     letters = "abcdefghijklmnopqstuvwxyz"
-    stack = "L" if stacked else ""
-    ins, outs = letters[:n_in], letters[n_in:n_in + b.ndim - 1 - lead]
-    delta = jnp.einsum(f"{stack}{ins}R,{stack}R{outs}->{stack}{ins}{outs}", a.astype(jnp.float32),
-                       b.astype(jnp.float32))
+    lead, ins = "ABCDEFGH"[:n_batch], letters[:n_in]
+    outs = letters[n_in:n_in + b.ndim - 1 - n_batch]
+    return jnp.einsum(f"{lead}{ins}R,{lead}R{outs}->{lead}{ins}{outs}", a, b)
+
+
+def merged_weight(w: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    """W + scale * A B (shapes as in `adapter_product`), computed in float32 and returned in W's dtype."""
+    delta = adapter_product(a.astype(jnp.float32), b.astype(jnp.float32), w.ndim)
     assert delta.shape == w.shape, (delta.shape, w.shape)
     return (w.astype(jnp.float32) + scale * delta).astype(w.dtype)
+
+
+def adapted_experts(module: nn.Module, name: str, w_EIO: jax.Array, names: tuple[str | None, ...],
+                    spec: LoraSpec, dtype: jnp.dtype) -> jax.Array:
+    """A routed expert weight W [E, in, out] with per-expert adapters A [E, in, r], B [E, r, out] folded in:
+    W + s * A_e B_e, exact, so every grouped-matmul implementation (ragged_dot, tiled, blocked, capacity,
+    expert-parallel exchange) runs unchanged and the gradient reaches A and B through the sum. As with PEFT's
+    adapters on parameters (`target_parameters`), no dropout applies: there is no per-token adapter input."""
+    E, I, O = w_EIO.shape
+    pdt = jnp.dtype(module.cfg.param_dtype)
+    a = module.param(name + A_SUFFIX, nn.with_logical_partitioning(a_init(I), (names[0], names[1], None)),
+                     (E, I, spec.rank), pdt)
+    b = module.param(name + B_SUFFIX, nn.with_logical_partitioning(nn.initializers.zeros, (names[0], None, names[2])),
+                     (E, spec.rank, O), pdt)
+    delta = jnp.einsum("eir,ero->eio", a.astype(dtype), b.astype(dtype))
+    return w_EIO.astype(dtype) + (spec.scale * delta).astype(dtype)
 
 
 def merge_adapters(params: Any, scale: float) -> Any:

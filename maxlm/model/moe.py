@@ -32,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 from maxlm.config import ModelConfig
 from maxlm.model.grouped_matmul import blocked_grouped_matmul, block_rows, tiled_grouped_matmul, tile_rows
 from maxlm.model.layers import compute_dtype, constrain, param, swiglu
-from maxlm.model.lora import LoraSpec
+from maxlm.model.lora import LoraSpec, adapted_experts, adapts
 from maxlm.model.stack import layer_path
 
 Axes = tuple[str, ...]
@@ -345,7 +345,7 @@ class MoE(nn.Module):
     """
 
     cfg: ModelConfig
-    lora: LoraSpec | None = None  # adapters on the shared experts (routed experts are not adapted)
+    lora: LoraSpec | None = None  # adapters: shared experts through `project`, routed ones by `adapted_experts`
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
@@ -370,9 +370,15 @@ class MoE(nn.Module):
                                                  1.0 - c.router_jitter, 1.0 + c.router_jitter)
         logits_BTE = jnp.einsum("btd,de->bte", xr_BTD, w_router_DE.astype(jnp.float32))
         routing = route(logits_BTE, bias_E, c)
-        cast = lambda w: w.astype(dtype)  # noqa: E731
-        y_BTD, kept_BTK = routed_experts(x_BTD.astype(dtype), routing, cast(w_gate_EDF), cast(w_up_EDF),
-                                         cast(w_down_EFD), c)
+
+        def cast(name: str, w: jax.Array, names: tuple[str, ...]) -> jax.Array:
+            # lora.targets expert_gate/up/down: W + s A_e B_e per expert (maxlm.model.lora.adapted_experts)
+            return adapted_experts(self, name, w, names, self.lora, dtype) if adapts(self, name) else w.astype(dtype)
+
+        y_BTD, kept_BTK = routed_experts(x_BTD.astype(dtype), routing,
+                                         cast("gate", w_gate_EDF, ("exp", "embed", "mlp")),
+                                         cast("up", w_up_EDF, ("exp", "embed", "mlp")),
+                                         cast("down", w_down_EFD, ("exp", "mlp", "embed")), c)
         y_BTD = constrain(y_BTD, ("act_batch", "act_length", "act_embed"))
 
         if c.shared_experts:

@@ -24,7 +24,7 @@ from maxlm.config import Config, ConfigError
 from maxlm.mesh import LogicalRules, mesh_context
 from maxlm.model import Decoder
 from maxlm.model.heads import SCORE
-from maxlm.model.lora import A_SUFFIX, PROJECTION_NAMES, LoraSpec, base_name, join, split_adapters
+from maxlm.model.lora import A_SUFFIX, PROJECTION_NAMES, LoraSpec, base_name, join, selection_path, split_adapters
 from maxlm.train.losses import LossFn
 from maxlm.train.state import StateLayout, TrainState, init_params, init_state_from_params, state_layout
 from maxlm.treepath import path_parts
@@ -64,9 +64,14 @@ def _abstract_adapters(cfg: Config, spec: LoraSpec) -> dict:
 def check_targets(cfg: Config, spec: LoraSpec, adapters: Any) -> None:
     """Every `lora.targets` entry must select at least one projection; otherwise one line listing what exists."""
     paths = adapted_paths(adapters)
+    experts = [p for p in paths if selection_path(p) != p]
+    if experts and spec.dropout > 0:
+        raise ConfigError(f"lora.dropout={spec.dropout} cannot apply to routed expert adapters ({experts[0]}: they are "
+                          "folded into the expert weights, as PEFT's target_parameters); set lora.dropout=0 or drop "
+                          "expert_* from lora.targets")
     for t in spec.targets:
         if not any(spec.matches(t, p) for p in paths):
-            every = adapted_paths(_abstract_adapters(cfg, LoraSpec(1, 1.0, (".",)))[0])
+            every = [selection_path(p) for p in adapted_paths(_abstract_adapters(cfg, LoraSpec(1, 1.0, (".",)))[0])]
             names = sorted({p.rsplit("/", 1)[-1] for p in every}, key=PROJECTION_NAMES.index)
             raise ConfigError(f"lora.targets: {t!r} matches no projection of this model; valid names: "
                               f"{', '.join(names)}; weight paths for patterns: {', '.join(every[:12])}"
