@@ -159,3 +159,23 @@ def test_base_as_the_objectives_frozen_tree_is_the_same_arrays(core_state) -> No
     # The adapted model itself, applied to the base tree (no adapter leaves), is the base model.
     base = jax.device_get(state.frozen.base)
     np.testing.assert_array_equal(logits(cfg.model, base, lora=core.model.lora), logits(cfg.model, base))
+
+
+def test_memory_guard_counts_only_adapters_as_trainable() -> None:
+    """The pre-compile memory guard sees a LoRA run as one: the base without gradients or Adam moments (in
+    `lora.base_dtype`), the adapters with them."""
+    from maxlm.config import load_config, resolve_config_path
+    from maxlm.flops import count_params
+    from maxlm.plan.memory import estimate_memory
+    from maxlm.train.memory_guard import lora_estimate
+
+    cfg = load_config(resolve_config_path("llama3-8b"), ["mesh.fsdp=8", "mesh.data=1", *LORA, "lora.rank=8",
+                                                         "lora.base_dtype=bfloat16"])
+    n = count_params(cfg.model)
+    full = estimate_memory(cfg.model, None, n, 2048, micro_rows=1, data=1, fsdp=8, tensor=1, expert=1, grad_accum=1,
+                           remat="full", flash=False)
+    lora = lora_estimate(cfg, full, n)
+    frac = 20_971_520 / n.total  # rank 8 on all seven projections of 32 layers (the README's table)
+    assert lora.grads == pytest.approx(full.grads * frac) and lora.optimizer == pytest.approx(full.optimizer * frac)
+    assert lora.params == pytest.approx(full.params * (0.5 + frac))
+    assert lora.activations == full.activations and lora.total < full.total - full.grads - full.optimizer

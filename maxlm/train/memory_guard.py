@@ -9,8 +9,10 @@ only an estimate above OBVIOUS_FACTOR times the device's memory is refused: a st
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+from typing import Any
 
 import jax
 
@@ -57,6 +59,8 @@ def check_memory(cfg: Config, shape: dict[str, int], hbm_from_table: float | Non
     est = estimate_memory(m, moe, count_params(m), cfg.data.seq_len, micro_rows=rows, data=shape["data"],
                           fsdp=shape["fsdp"], tensor=shape["tensor"], expert=shape["expert"],
                           grad_accum=cfg.train.grad_accum, remat=m.remat, flash=flash)
+    if cfg.lora.enabled:
+        est = lora_estimate(cfg, est, count_params(m))
     capacity, source = device_memory_bytes(hbm_from_table)
     if est.total <= OBVIOUS_FACTOR * capacity:
         return
@@ -73,6 +77,23 @@ def check_memory(cfg: Config, shape: dict[str, int], hbm_from_table: float | Non
                       f"{rows} rows x data.seq_len={cfg.data.seq_len} per microbatch), more than "
                       f"{OBVIOUS_FACTOR:g}x the {_gb(capacity)} a device has ({source}); {fixes} "
                       "(`maxlm plan` picks a mesh and remat that fit)")
+
+
+def lora_estimate(cfg: Config, est: Any, n_params: Any) -> Any:
+    """The full fine-tuning estimate turned into a LoRA run's: the base in `lora.base_dtype` with no gradient or
+    optimizer state, plus the adapters (and a reward head), which alone have gradients and Adam moments. Sharding
+    of each term is taken to be the full model's (adapters shard like their base weights)."""
+    import jax.numpy as jnp
+
+    from maxlm.train.lora_state import base_dtype, lora_trees
+    from maxlm.model.lora import lora_spec
+
+    adapters, _ = lora_trees(cfg, lora_spec(cfg))
+    trainable = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(adapters))
+    frac = trainable / max(n_params.total, 1)
+    held = jnp.dtype(base_dtype(cfg)).itemsize / jnp.dtype(cfg.model.param_dtype).itemsize
+    return dataclasses.replace(est, params=est.params * (held + frac), grads=est.grads * frac,
+                               optimizer=est.optimizer * frac)
 
 
 def _gb(n: float) -> str:
