@@ -31,8 +31,9 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/maxlm demo
 
+# Test files go to one worker per core (at most 4), whole files at a time (pytest-xdist, `.[test]`).
 test: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -n auto --maxprocesses 4 --dist loadfile
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

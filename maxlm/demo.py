@@ -31,13 +31,13 @@ def run_demo(overrides: list[str], progress: bool = True) -> int:
                                                              "data.source=synthetic"] + overrides)
     tok_path = os.path.join(cfg.run_dir, "tokenizer.model")
     if not os.path.isfile(tok_path):
-        print(f"[1/4] training a {cfg.model.vocab_size}-token BPE tokenizer on {cfg.data.path}")
+        print(f"[1/5] training a {cfg.model.vocab_size}-token BPE tokenizer on {cfg.data.path}")
         train_tokenizer(cfg.data.path, cfg.model.vocab_size, tok_path)
     else:
-        print(f"[1/4] reusing tokenizer {tok_path}")
+        print(f"[1/5] reusing tokenizer {tok_path}")
     cfg = load_config(resolve_config_path("stdlib_demo"), ["data.path=" + stdlib_glob(), f"data.tokenizer={tok_path}",
                                                              f"run_dir={cfg.run_dir}"] + overrides)
-    print(f"[2/4] pretraining the demo model for {cfg.train.steps} steps (run_dir={cfg.run_dir})")
+    print(f"[2/5] pretraining the demo model for {cfg.train.steps} steps (run_dir={cfg.run_dir})")
     summary = train(cfg, progress=progress)
     print(f"first loss {summary['first_loss']:.4f} -> last loss {summary['last_loss']:.4f}")
     run = summary["run"]
@@ -48,7 +48,7 @@ def run_demo(overrides: list[str], progress: bool = True) -> int:
     engine = Engine(cfg.model, run.state.params, run.mesh, run.rules, eos_ids=[tok.eos_id],
                     max_length=cfg.data.seq_len, decode_text=tok.decode)
     (out,) = engine.generate([Request(ids, 48)])
-    print("[3/4] greedy continuation (KV-cached decoding, maxlm.generate):")
+    print("[3/5] greedy continuation (KV-cached decoding, maxlm.generate):")
     print(PROMPT + out.text)
     from maxlm.demo_sft import run_sft_stage
 
@@ -63,12 +63,14 @@ def run_dpo_stage(pre: Config, tok_path: str, checkpoint: str, overrides: list[s
 
     pairs = os.path.join(pre.run_dir, "preference", "stdlib_pairs.jsonl")
     n = write_stdlib_pairs(stdlib_glob(), pairs, DPO_PAIRS)
-    dpo_overrides = [k for k in overrides if not k.startswith(("train.", "data.", "run_dir"))]
+    # Pretraining's data and batch keys do not fit pairs; its model keys and `train.steps` (a quick run) do.
+    dpo_overrides = [k for k in overrides if not k.startswith(("train.", "data.", "run_dir")) or
+                     k.startswith("train.steps=")]
     cfg = load_config(resolve_config_path("stdlib_dpo"), [f"data.path={pairs}", f"data.tokenizer={tok_path}",
                                                             f"load_parameters_from={checkpoint}",
                                                             f"run_dir={os.path.join(pre.run_dir, 'dpo')}"]
                       + dpo_overrides)
-    print(f"[4/4] DPO ({cfg.dpo.loss_type}, beta {cfg.dpo.beta}, reference {cfg.dpo.reference}) on {n} stdlib pairs "
+    print(f"[5/5] DPO ({cfg.dpo.loss_type}, beta {cfg.dpo.beta}, reference {cfg.dpo.reference}) on {n} stdlib pairs "
           f"for {cfg.train.steps} steps (run_dir={cfg.run_dir})")
     summary = train(cfg, progress=progress)
     rows = [r for r in _metrics(cfg.run_dir) if "rewards/accuracies" in r]

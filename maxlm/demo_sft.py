@@ -79,7 +79,7 @@ def write_stdlib_pairs(glob: str, out: str, max_pairs: int = 4000, seed: int = 0
 
 
 def run_sft_stage(pre: Config, tok_path: str, overrides: list[str], progress: bool = True) -> int:
-    """[4/4] of `maxlm demo`: SFT of the pretrained run `pre` on stdlib pairs, printing the loss on the trained
+    """[4/5] of `maxlm demo`: SFT of the pretrained run `pre` on stdlib pairs, printing the loss on the trained
     (assistant) tokens as it falls and the model's answer to one held-out instruction."""
     from maxlm.data.chat_template import resolve_chat_template
     from maxlm.data.sft_pipeline import is_held_out
@@ -90,12 +90,12 @@ def run_sft_stage(pre: Config, tok_path: str, overrides: list[str], progress: bo
     pairs = os.path.join(pre.run_dir, "sft_pairs.jsonl")
     if not os.path.isfile(pairs):
         n = write_stdlib_pairs(pre.data.path, pairs)
-        print(f"[4/4] wrote {n} instruction pairs (signature + docstring -> body) from the stdlib to {pairs}")
+        print(f"[4/5] wrote {n} instruction pairs (signature + docstring -> body) from the stdlib to {pairs}")
     cfg = load_config(resolve_config_path("stdlib_sft"), [
         f"data.path={pairs}", f"data.tokenizer={tok_path}",
         f"load_parameters_from={pre.checkpoint.dir or os.path.join(pre.run_dir, 'checkpoints')}"]
         + overrides + [f"run_dir={os.path.join(pre.run_dir, 'sft')}"])
-    print(f"[4/4] supervised fine-tuning for {cfg.train.steps} steps, loss on the assistant turns only "
+    print(f"[4/5] supervised fine-tuning for {cfg.train.steps} steps, loss on the assistant turns only "
           f"(run_dir={cfg.run_dir})")
     summary = train(cfg, progress=progress)
     print("response loss by step: " + ", ".join(f"{step}: {loss:.3f}" for step, loss in summary["losses"]))

@@ -17,7 +17,7 @@ import pytest
 from maxlm.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parent.parent
-ENV = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+ENV = os.environ | {"JAX_PLATFORMS": "cpu",
                     "PYTHONPATH": str(ROOT)}
 
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-ENV = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+ENV = os.environ | {"JAX_PLATFORMS": "cpu"}
 
 
 def maxlm(*args: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:

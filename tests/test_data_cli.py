@@ -16,7 +16,7 @@ from helpers import tiny_config
 from maxlm.data import EOS_ID, build_eval_batches, load_tokenizer, train_tokenizer
 from maxlm.train.metrics import read_metrics
 
-ENV = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+ENV = os.environ | {"JAX_PLATFORMS": "cpu"}
 WORDS = ["red", "green", "blue", "cyan", "magenta", "yellow", "black", "white"]
 
 

@@ -29,7 +29,7 @@ ARGS = ["tiny", f"train.steps={STEPS}", "train.log_every=1", "checkpoint.every=0
 
 
 def _launch(run_dir: Path) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"PYTHONPATH": str(ROOT)}
+    env = os.environ | {"PYTHONPATH": str(ROOT)}  # the launcher sets each process's device count
     return subprocess.Popen([sys.executable, "-m", "maxlm", "launch", "local", "--processes", "2",
                              "--devices-per-process", "4", *ARGS, f"run_dir={run_dir}", "--no-progress"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)

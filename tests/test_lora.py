@@ -93,7 +93,7 @@ def test_only_adapters_train_and_merging_keeps_the_function(core_state) -> None:
 @pytest.mark.slow
 def test_same_losses_on_several_meshes_and_exact_resume(tmp_path) -> None:
     losses = {}
-    for d, f, t in [(2, 2, 2), (1, 8, 1), (8, 1, 1)]:
+    for d, f, t in [(2, 2, 2), (8, 1, 1)]:
         cfg = tiny_config(*LORA, "lora.dropout=0.1", f"mesh.data={d}", f"mesh.fsdp={f}", f"mesh.tensor={t}",
                           "train.steps=3", "train.log_every=1", "checkpoint.every=2", f"run_dir={tmp_path}/{d}{f}{t}")
         losses[(d, f, t)] = [loss for _, loss in train(cfg, progress=False)["losses"]]

@@ -246,8 +246,8 @@ def _train_losses(overrides: list[str], steps: int = 5) -> tuple[np.ndarray, dic
 
 def test_expert_parallelism_does_not_change_the_losses() -> None:
     """5 train steps of tiny-moe (dropless, its all-to-all padded to the worst case) on 8 devices with expert = 1,
-    2, 4, 8, beside data, fsdp and tensor parallelism."""
-    meshes = [(8, 1, 1, 1), (2, 1, 2, 2), (1, 2, 1, 4), (1, 1, 1, 8)]
+    2 (beside data and tensor parallelism) and 8."""
+    meshes = [(8, 1, 1, 1), (2, 1, 2, 2), (1, 1, 1, 8)]
     # Per-expert metrics (16 more step outputs) cost XLA:CPU seconds of compile: checked on one mesh only.
     results = [_train_losses([f"mesh.data={d}", f"mesh.fsdp={f}", f"mesh.tensor={t}", f"mesh.expert={e}",
                               f"model.moe_expert_metrics={d == 8}"]) for d, f, t, e in meshes]

@@ -34,8 +34,13 @@ transformers = pytest.importorskip("transformers")
 
 def score_one(model_cfg, params, ids: list[int]) -> float:
     """The score of one unpacked, unpadded sequence: the head on its last hidden state."""
-    x = Decoder(model_cfg).apply({"params": params}, jnp.asarray([ids]))
-    return float(ScalarHead(model_cfg).apply({"params": params[SCORE]}, x[0, -1]))
+
+    @jax.jit
+    def score(p, ids_1T):
+        x = Decoder(model_cfg).apply({"params": p}, ids_1T)
+        return ScalarHead(model_cfg).apply({"params": p[SCORE]}, x[0, -1])
+
+    return float(score(params, jnp.asarray([ids])))
 
 
 def test_reward_loss_scores_each_sequence_at_its_last_token():
@@ -54,7 +59,7 @@ def test_reward_loss_scores_each_sequence_at_its_last_token():
     want = np.asarray(want, np.float64)
     for packed in (True, False):
         batch = preference_batch(pack_pairs(pairs, 64, 4, packed))
-        loss, m = make_reward_loss(cfg, model)(params, batch, None)
+        loss, m = jax.jit(make_reward_loss(cfg, model))(params, batch, None)
         assert float(m["weight"]) == 6
         np.testing.assert_allclose(float(loss), want[:, 0].mean(), rtol=1e-5)
         np.testing.assert_allclose(float(m["accuracy"]), want[:, 1].mean(), rtol=1e-6)

@@ -30,10 +30,14 @@ def test_loss_falls_on_stdlib_source(tmp_path) -> None:
 
 
 def test_demo_command_end_to_end(tmp_path) -> None:
-    env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = dict(os.environ)  # conftest's XLA_FLAGS: 8 devices
     proc = subprocess.run([sys.executable, "-m", "maxlm.cli", "demo", f"run_dir={tmp_path}", "train.steps=4",
                            "train.log_every=2", "model.vocab_size=1024", "--no-progress"],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "first loss" in proc.stdout and "def fibonacci(" in proc.stdout
+    # Every stage ran, each for the 4 steps asked (SFT and DPO take `train.steps` from the overrides too).
+    assert "[4/5] supervised fine-tuning for 4 steps" in proc.stdout and "model's answer:" in proc.stdout
+    assert "[5/5] DPO" in proc.stdout and "for 4 steps" in proc.stdout.split("[5/5] DPO")[1]
+    assert "rewards/accuracies: step" in proc.stdout
     assert (tmp_path / "tokenizer.model").exists() and (tmp_path / "metrics.jsonl").exists()
