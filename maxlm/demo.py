@@ -62,10 +62,14 @@ def run_dpo_stage(pre: Config, tok_path: str, checkpoint: str, overrides: list[s
     from maxlm.train.loop import train
 
     pairs = os.path.join(pre.run_dir, "preference", "stdlib_pairs.jsonl")
-    n = write_stdlib_pairs(stdlib_glob(), pairs, DPO_PAIRS)
     # Pretraining's data and batch keys do not fit pairs; its model keys and `train.steps` (a quick run) do.
     dpo_overrides = [k for k in overrides if not k.startswith(("train.", "data.", "run_dir")) or
                      k.startswith("train.steps=")]
+    # No more pairs than the run reads: a short run (train.steps=4) need not tokenize and reference-score 2000.
+    shape = load_config(resolve_config_path("stdlib_dpo"), [f"data.path={stdlib_glob()}", f"data.tokenizer={tok_path}"]
+                        + dpo_overrides)
+    n = write_stdlib_pairs(stdlib_glob(), pairs, min(DPO_PAIRS, shape.train.steps * shape.train.global_batch_size
+                                                     * max(shape.data.pairs_per_row, 1)))
     cfg = load_config(resolve_config_path("stdlib_dpo"), [f"data.path={pairs}", f"data.tokenizer={tok_path}",
                                                             f"load_parameters_from={checkpoint}",
                                                             f"run_dir={os.path.join(pre.run_dir, 'dpo')}"]
