@@ -31,9 +31,9 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/maxlm demo
 
-# Test files go to one worker per core (at most 4), whole files at a time (pytest-xdist, `.[test]`).
+# One test worker per core, at most 4 (pytest-xdist, in `.[test]`); tests/conftest.py orders the heavy files first.
 test: $(STAMP)
-	$(PY) -m pytest tests -n auto --maxprocesses 4 --dist loadfile
+	$(PY) -m pytest tests -n auto --maxprocesses 4 --dist worksteal
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

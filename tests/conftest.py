@@ -17,10 +17,13 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="maxl
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
-# With `pytest -n N --dist loadfile` (the Makefile's `make test`) whole files go to workers in collection order: the
-# files holding end-to-end runs start first, so no worker is left with a long one at the end.
-HEAVY_FIRST = ("test_stdlib.py", "test_launch_local.py", "test_dpo.py", "test_moe.py", "test_lora.py", "test_train.py",
-               "test_eval.py", "test_generate.py", "test_checkpoint.py", "test_cli.py", "test_lora_preference.py")
+# `make test` runs `pytest -n auto --dist worksteal`: each worker starts on a contiguous share of the items in
+# collection order and idle workers take the tail of the others' shares. The files holding end-to-end runs (largest
+# first, as measured) are collected first, so they start at once and the light files fill the gaps at the end.
+HEAVY_FIRST = ("test_stdlib.py", "test_dpo.py", "test_launch_local.py", "test_train.py", "test_lora_preference.py",
+               "test_moe.py", "test_lora.py", "test_checkpoint.py", "test_lora_moe.py", "test_eval.py",
+               "test_generate.py", "test_sft_train.py", "test_data_cli.py", "test_cli.py", "test_lora_peft.py",
+               "test_bad_inputs.py", "test_reward.py", "test_convert_mixtral.py", "test_model.py")
 
 
 def pytest_collection_modifyitems(config, items) -> None:
