@@ -24,7 +24,7 @@ from helpers import tiny_config
 from maxlm.train.loop import train
 
 ROOT = Path(__file__).resolve().parent.parent
-STEPS = 60
+STEPS = 36
 ARGS = ["tiny", f"train.steps={STEPS}", "train.log_every=1", "checkpoint.every=0", "train.global_batch_size=16"]
 
 
