@@ -105,3 +105,16 @@ def test_packed_equals_padded(model_and_params):
         np.testing.assert_allclose([ma[k] for k in sorted(ma)], [mb[k] for k in sorted(mb)], rtol=1e-5, atol=1e-5)
     lens = by_margin(padded, lc2)
     assert [lens[float(i)] for i in range(10)] == [len(p.chosen) for p in pairs]
+
+
+def test_synthetic_pairs_feed_a_preference_run(tmp_path):
+    """`data.source: synthetic` with a preference objective (what `maxlm bench` uses) yields pair batches."""
+    from helpers import tiny_config
+    from maxlm.train.builder import build_run
+    from maxlm.train.preference_batch import PreferenceBatch
+
+    run = build_run(tiny_config("data.source=synthetic", "train.objective=dpo", "data.seq_len=64",
+                                f"run_dir={tmp_path}"))
+    batch = next(run.batches)
+    assert isinstance(batch, PreferenceBatch) and batch.inputs.shape[:2] == (16, 1)
+    assert float(batch.pair_mask.sum()) > 16  # several whole pairs per packed row

@@ -301,6 +301,20 @@ def preference_batches(groups: dict[str, np.ndarray], *, batch_size: int, seed: 
     return ds.batch(batch_size, drop_remainder=True).to_iter_dataset()
 
 
+SYNTHETIC_PAIRS = 1024
+
+
+def synthetic_groups(data: DataConfig, vocab_size: int) -> dict[str, np.ndarray]:
+    """Seeded random pairs (bos + a prompt of seq_len/16..seq_len/8 tokens, each response as long again, then eos),
+    packed like real ones: `data.source: synthetic` with a preference objective, to measure the step."""
+    rs = np.random.RandomState(data.shuffle_seed)
+    lo, hi = max(1, data.seq_len // 16), max(2, data.seq_len // 8)
+    pairs = [Pair([2] + list(rs.randint(4, vocab_size, rs.randint(lo, hi))),
+                  list(rs.randint(4, vocab_size, rs.randint(lo, hi))) + [3],
+                  list(rs.randint(4, vocab_size, rs.randint(lo, hi))) + [3]) for _ in range(SYNTHETIC_PAIRS)]
+    return pack_pairs(pairs, data.seq_len, data.pairs_per_row, packed=data.packing != "none")
+
+
 def load_preference_groups(data: DataConfig, vocab_size: int, cache_dir: str = ""
                            ) -> tuple[dict[str, np.ndarray], str, PairStats | None]:
     """The run's groups from `data.path` (JSONL) and `data.tokenizer` (sentencepiece or HF; chat prompts use
@@ -309,6 +323,8 @@ def load_preference_groups(data: DataConfig, vocab_size: int, cache_dir: str = "
     from maxlm.data.items import list_files
     from maxlm.data.pipeline import _load_checked_tokenizer
 
+    if data.source == "synthetic":  # `maxlm bench` and tests: the shapes of real pairs, no files
+        return synthetic_groups(data, vocab_size), "", None
     if data.source != "jsonl":
         raise ConfigError(f"data.example_format=preference reads JSONL rows; set data.source=jsonl (got "
                           f"{data.source!r})")

@@ -162,7 +162,7 @@ def build_run(cfg: Config, *, resume: bool = False) -> Run:
     enable_compile_cache(cfg.train.compile_cache_dir)
     from maxlm.data.shards import ProcessBatches  # grain is imported only when data is needed
 
-    if cfg.data.example_format == "preference":
+    if cfg.data.example_format == "preference" or cfg.train.objective in ("dpo", "reward"):
         data_iter, batches = preference_stream(cfg, core.model, core.layout, core.mesh, core.rules,
                                                core.batch_shardings, jax.process_index(), jax.process_count())
     else:
