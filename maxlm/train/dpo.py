@@ -32,8 +32,13 @@ def make_dpo_loss(cfg: Config, model: nn.Module) -> Callable[..., tuple[jax.Arra
     types, weights = loss_types(cfg), loss_weights(cfg)
 
     def loss_fn(params: Any, batch: Any, rng: jax.Array, frozen: Any = None) -> tuple[jax.Array, Metrics]:
-        (pc, pr, lc, lr), aux, extra = pair_logps(cfg, model, params, batch, rng)
         rc, rr = reference_logps(cfg, model, batch, frozen)
+        # The reference pass finishes before the policy pass starts. Two independent forward passes let XLA:CPU's
+        # concurrent thunk executor issue their collectives in different orders on different devices, which
+        # deadlocked its in-process rendezvous (LoRA with dpo.reference=base on a 2x2x2 mesh); the barrier orders
+        # them and changes no value.
+        rc, rr, params = jax.lax.optimization_barrier((rc, rr, params))
+        (pc, pr, lc, lr), aux, extra = pair_logps(cfg, model, params, batch, rng)
         losses, reward_c, reward_r = mixed_preference_loss(
             pc, pr, rc, rr, loss_types=types, loss_weights=weights, beta=p.beta, label_smoothing=p.label_smoothing,
             chosen_lengths=lc, rejected_lengths=lr, simpo_gamma=p.simpo_gamma)
