@@ -1,8 +1,8 @@
 # The two commands of the README: `make run` and `make test`. Both create .venv when missing.
-# PYTHON defaults to python3 (3.11 here: jax 0.10.2, the stack the whole suite is verified on). `PYTHON=newest` picks
-# the newest Python >= 3.12 that runs (jax >= 0.11 needs it; jax 0.12 brings bf16 matmuls on AMX CPUs): python3.N on
-# PATH, then pyenv's installed versions; else python3. Run `make clean` first when switching interpreters.
-PYTHON ?= python3
+# PYTHON defaults to `newest`: the newest Python >= 3.12 that runs (jax >= 0.11 needs 3.12; jax 0.12 brings bf16
+# matmuls on CPUs with AMX/AVX-512 BF16): python3.N on PATH, then pyenv's installed versions; else python3.
+# `PYTHON=python3.11` (or any interpreter) overrides it. Run `make clean` first when switching interpreters.
+PYTHON ?= newest
 ifeq ($(PYTHON),newest)
 override PYTHON := $(shell for v in 20 19 18 17 16 15 14 13 12; do \
             for p in python3.$$v $$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.$$v.*/bin/python3.$$v 2>/dev/null \

@@ -1,5 +1,5 @@
-"""The Makefile's interpreter choice: python3 by default; `PYTHON=newest` picks the newest Python >= 3.12 that runs,
-else python3; any other PYTHON= is used as given."""
+"""The Makefile's interpreter choice: by default (`PYTHON=newest`) the newest Python >= 3.12 that runs, else python3;
+any other PYTHON= is used as given."""
 
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ def _fake(path: Path, works: bool) -> None:
 
 def _chosen(bin_dir: Path, pyenv_root: Path, *args: str, **env: str) -> str:
     base = {"PATH": f"{bin_dir}:/usr/bin:/bin", "PYENV_ROOT": str(pyenv_root), "HOME": str(pyenv_root)}
-    args = args or ("PYTHON=newest",)
     out = subprocess.run(["make", "-s", "-f", str(ROOT / "Makefile"), "python", *args], capture_output=True,
                          text=True, env=base | env, cwd=ROOT, check=True)
     return out.stdout.strip()
@@ -32,6 +31,7 @@ def test_newest_working_python_at_least_312(tmp_path: Path) -> None:
     bin_dir, pyenv = tmp_path / "bin", tmp_path / "pyenv"
     _fake(bin_dir / "python3.11", works=True)
     assert _chosen(bin_dir, pyenv) == "python3"  # nothing >= 3.12: fall back
+    assert _chosen(bin_dir, pyenv, "PYTHON=newest") == "python3"
     _fake(bin_dir / "python3.12", works=True)
     _fake(bin_dir / "python3.13", works=False)  # a pyenv shim of a version that is installed but not active
     assert _chosen(bin_dir, pyenv) == "python3.12"
@@ -40,4 +40,5 @@ def test_newest_working_python_at_least_312(tmp_path: Path) -> None:
     assert _chosen(bin_dir, pyenv) == f"{pyenv}/versions/3.13.10/bin/python3.13"
     assert _chosen(bin_dir, pyenv, "PYTHON=python3.11") == "python3.11"
     assert _chosen(bin_dir, pyenv, "PYTHON=/opt/py/bin/python3") == "/opt/py/bin/python3"
-    assert _chosen(bin_dir, pyenv, "-e") == "python3"  # the default: the verified python3 stack
+    assert _chosen(bin_dir, pyenv, "PYTHON=newest") == f"{pyenv}/versions/3.13.10/bin/python3.13"
+    assert _chosen(bin_dir, pyenv, PYTHON="python3.11") == "python3.11"  # from the environment too
