@@ -14,17 +14,25 @@ What is counted (bytes per chip; maxlm's defaults: f32 parameters, AdamW, bf16 c
 - a layer workspace: the bf16 copy of one layer's weights (two when fsdp > 1: the all-gathered current layer and
   the prefetched next one) plus that layer's f32 weight gradients before they are reduce-scattered; of an MoE
   layer's experts only the E / expert local ones are gathered (moe.py's shard_map takes them as P(exp, None, mlp));
-- activations saved for the backward pass, itemised per token per layer for maxlm's block (RMSNorm, GQA attention,
-  SwiGLU) in the way of Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models",
-  Sec. 4), under the remat policy (`model.remat`, jax.checkpoint_policies):
-    none          every tensor the backward needs: layer input, both norm outputs, q, k, v, attention output,
-                  the residual, gate, up, silu(gate) * up (+ the softmax probabilities when attention is XLA's);
-    dots          only matmul outputs (checkpoint_dots): q/k/v projections, o and down projections, gate, up,
-                  and with XLA attention its QK^T logits and AV output; the rest is recomputed;
-    dots_no_batch only weight-matmul outputs (checkpoint_dots_with_no_batch_dims): attention dots are recomputed;
-    full          only each layer's input (the scan carry); the whole layer is recomputed;
-  plus one layer's full set while it is being recomputed/differentiated. Tensors with a heads/mlp dimension are
-  split over `tensor`; d_model-wide ones are replicated over it (maxlm has no sequence parallelism);
+  the whole (sharded) layer stack cast to bf16 once before the layer scan; with fsdp > 1 the gathered bf16
+  embedding table and LM head;
+- with `train.grad_accum` > 1, a second f32 gradient: the running sum beside the current microbatch's;
+- activations saved for the backward pass, per token per layer, as XLA's buffer assignment of the compiled step
+  shows them in the layer scan's residual stacks (maxlm's block: RMSNorm computed in f32, GQA attention, SwiGLU;
+  the itemisation of Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models",
+  Sec. 4, with the dtypes XLA actually keeps), under the remat policy (`model.remat`, jax.checkpoint_policies):
+    none          every tensor the backward reads: both RMSNorms' f32 input and normalised value (four d-wide
+                  f32), their bf16 outputs, q after RoPE and the attention output, k, v, six F-wide SwiGLU tensors
+                  (gate, up, the sigmoid, silu(gate), the product and its cast), and with XLA attention its
+                  probabilities in f32 and bf16 (6 bytes per score) with the softmax max and sum;
+    dots          matmul outputs only (checkpoint_dots): q, k, v, the o and down projections, gate, up, and with
+                  XLA attention its QK^T logits (f32: the dot accumulates in f32) and AV output;
+    dots_no_batch weight-matmul outputs only (checkpoint_dots_with_no_batch_dims): attention dots are recomputed;
+    full          only each layer's input (the scan carry);
+  plus the working set of the one layer being differentiated: what its policy did not save, recomputed, and with
+  XLA attention the f32 gradients of the probabilities and scores and the bf16 cast of the latter (10 bytes per
+  score). Tensors with a heads/mlp dimension are split over `tensor`; d_model-wide ones are replicated over it
+  (maxlm has no sequence parallelism);
 - MoE layers (the planner writes dropless configs: `model.capacity_factor` 0): each token's K experts run the
   SwiGLU on K rows, plus the d_model-wide rows gathered for them and their outputs before the combine (2K rows).
   With expert parallelism over S = `expert` shards, maxlm's dropless all-to-all pads every chunk to the worst
@@ -35,8 +43,13 @@ What is counted (bytes per chip; maxlm's defaults: f32 parameters, AdamW, bf16 c
   `ragged_all_to_all` exchange would remove the factor S; XLA:CPU does not implement it). The expert matmuls
   are `ragged_dot`s, not `dot_general`s, so the `dots` policies do not save them: in MoE layers they are
   recomputed like the rest (only `none` keeps them for every layer);
-- the logits: bf16 logits, their f32 log-softmax and its gradient (vocab split over tensor), and the boolean
-  document mask [rows, 1, T, T].
+- the logits: one f32 [rows, T, V] buffer (vocab split over tensor): XLA fuses the log-softmax and its gradient
+  into the LM head's matmuls, so the logits or their gradient are live, not both; and the boolean document mask
+  [rows, 1, T, T].
+
+The terms were checked against XLA's peak on the grid of tests/benchmarks/bench_memory_calibration.py (dense and
+MoE, remat none/dots/full, several meshes, TPU and GPU targets; tests/test_memory_calibration.py keeps the small
+one): within 15% on every point.
 
 With cuDNN flash attention (maxlm's `auto` on GPU) the T x T score matrix is never stored; with XLA attention
 (CPU/TPU) it is. XLA's own temporaries, fragmentation and the runtime are covered by using only
@@ -77,13 +90,18 @@ class MemoryEstimate:
     params: float
     grads: float
     optimizer: float
-    workspace: float
-    activations: float
-    logits: float
+    workspace: float  # gathered layer weights, their f32 gradient and the bf16 layer stack
+    activations: float  # the saved tensors of every layer (the layer scan's residual stacks)
+    logits: float  # the loss's f32 logits buffer, the attention mask and the gathered embedding / LM head
+    working: float = 0.0  # the layer being differentiated: what it recomputes and its attention gradients
 
     @property
     def total(self) -> float:
-        return self.params + self.grads + self.optimizer + self.workspace + self.activations + self.logits
+        """The peak: state and saved activations throughout, plus the larger of the two phases that follow the
+        forward pass. The loss and the LM head's backward run first (logits live, no layer in flight); by the time
+        the layer scan's backward runs they are freed, and a gathered layer and its working set are live."""
+        return (self.params + self.grads + self.optimizer + self.activations
+                + max(self.logits, self.workspace + self.working))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"total": self.total}
@@ -119,41 +137,54 @@ def activation_bytes_per_token(m: ModelConfig, moe: MoESpec | None, seq_len: int
                                flash: bool, expert: int = 1) -> tuple[float, float]:
     """(saved per layer, working set of the one layer in flight), bytes per token on one chip.
 
-    `expert` is the expert-parallel size S: with S > 1 the dropless exchange pads to S x K rows per token (see the
-    module docstring), which only MoE layers pay.
+    The saved tensors are those XLA keeps in the scan's residual stacks (read from the buffer assignment of
+    `maxlm compile`'s train step; see the module docstring for the list per policy). The working set is the layer
+    being differentiated: everything its backward reads (its `none` set, recomputed or saved) plus, with XLA
+    attention, the f32 gradients of the probabilities and scores. `expert` is the expert-parallel size S: with
+    S > 1 the dropless exchange pads to S x K rows per token (see the module docstring), which only MoE layers pay.
     """
-    d, t, T = m.d_model, tensor, seq_len
+    d, t, T, H = m.d_model, tensor, seq_len, m.n_heads
     hd = m.head_dim_resolved
-    q, kv = m.n_heads * hd, 2 * m.n_kv_heads * hd
+    q, kv = H * hd, 2 * m.n_kv_heads * hd  # query width; key + value width
     if moe is None:
-        f = m.ffn_dim  # SwiGLU intermediates (gate, up, silu(gate) * up are each f wide)
-        f_saved = f  # dense gate/up are dot_generals: the `dots` policies keep them
+        f_none = 6 * m.ffn_dim  # gate, up, silu's sigmoid, silu(gate), silu(gate) * up and its cast: 6 F-wide
+        f_dots = 2 * m.ffn_dim  # gate and up are dot_generals: the `dots` policies keep them
         dispatch = 0.0
         router = 0.0
     else:
         k, s = moe.experts_per_token, expert
         rows = k * s if s > 1 else k  # rows per token the grouped SwiGLU runs on (padded exchange when s > 1)
-        f = (m.moe_ffn_dim or m.ffn_dim) * rows
-        f_saved = 0  # ragged_dot is not a dot_general: recomputed under `dots` / `dots_no_batch`
+        f_none = 6 * (m.moe_ffn_dim or m.ffn_dim) * rows
+        f_dots = 0  # ragged_dot is not a dot_general: recomputed under `dots` / `dots_no_batch`
         # d_model-wide rows: gathered inputs and expert outputs (2k), + send/receive buffers of both exchanges
         dispatch = ACT_BYTES * d * (2 * k + (4 * s * k if s > 1 else 0))
         router = 4.0 * moe.num_experts  # f32 router logits
-    scores = 0.0 if flash else ACT_BYTES * m.n_heads * T / t  # softmax probabilities kept by XLA attention
-    qk_normed = (q + kv / 2) / t if m.qk_norm else 0.0  # QK-norm: q and k before and after their RMSNorm
-    # none: x, norm1(x), q, k, v, attention out, x + attn, norm2(.), gate, up, silu(gate) * up
-    none = ACT_BYTES * (4 * d + (2 * q + kv + 3 * f) / t + qk_normed) + scores + router + 4.0 * m.n_heads / t + dispatch
+    # XLA attention keeps its probabilities in f32 and bf16 (6 bytes per score) and the softmax max and sum (f32);
+    # cuDNN's flash kernel keeps only its output (counted with q) and a f32 log-sum-exp per head.
+    scores_none = 0.0 if flash else 6.0 * H * T / t
+    stats = (4.0 if flash else 8.0) * H / t
+    qk_normed = ACT_BYTES * (q + kv / 2) / t if m.qk_norm else 0.0  # QK-norm: q and k before their RMSNorm
+    # none: both RMSNorms' f32 input and normalised value (4 d-wide f32) and their bf16 outputs (2 d-wide); q after
+    # RoPE and the attention output (2 q-wide), k and v; the SwiGLU's F-wide tensors; the softmax
+    none = (4 * 4 * d + ACT_BYTES * (2 * d + (2 * q + kv + f_none) / t) + qk_normed + scores_none + stats + router
+            + dispatch)
+    # the weight-matmul outputs: q, k, v, the o and down projections (2 d-wide), gate and up
+    weight_dots = ACT_BYTES * (2 * d + (q + kv + f_dots) / t) + router
     if remat == "none":
         saved = none
     elif remat == "dots":
-        attn_dots = 0.0 if flash else ACT_BYTES * (m.n_heads * T + q) / t  # QK^T logits and AV output
-        saved = ACT_BYTES * (3 * d + (q + kv + 2 * f_saved) / t) + attn_dots + router
+        # + XLA attention's two batched dots: the QK^T logits (f32: preferred_element_type) and the AV output
+        saved = weight_dots + (0.0 if flash else 4.0 * H * T / t + ACT_BYTES * q / t)
     elif remat == "dots_no_batch":
-        saved = ACT_BYTES * (3 * d + (q + kv + 2 * f_saved) / t) + router
+        saved = weight_dots
     elif remat == "full":
-        saved = ACT_BYTES * d
+        saved = ACT_BYTES * d  # the layer input (the scan carry)
     else:
         raise ValueError(f"unknown remat policy {remat!r}")
-    working = none + (0.0 if flash else 4.0 * m.n_heads * T / t)  # + the f32 softmax being differentiated
+    # the layer in flight recomputes what its policy did not save, and while its attention is differentiated holds
+    # the f32 gradients of the probabilities and of the scores and the bf16 cast of the latter
+    grad_scores = 0.0 if flash else 10.0 * H * T / t
+    working = max(none - saved, 0.0) + grad_scores
     return saved, working
 
 
@@ -170,17 +201,23 @@ def estimate_memory(m: ModelConfig, moe: MoESpec | None, count: ParamCount, seq_
     layer_copies = 2 if fsdp > 1 else 1
     layer_params = count.per_layer - routed_per_layer + routed_per_layer / expert  # only local experts gathered
     workspace = layer_params * (layer_copies * ACT_BYTES + PARAM_BYTES) / tensor
+    layer_stack = count.per_layer * m.n_layers - routed + routed / expert
+    workspace += layer_stack * ACT_BYTES / shard  # the whole layer stack cast to bf16 once, before the scan
+    # one [rows, T, V] f32 buffer (the logits or their gradient: XLA fuses the log-softmax into its consumers) and
+    # the boolean document mask [rows, 1, T, T]; with fsdp > 1 the gathered bf16 embedding table and LM head
+    logits = tokens * m.vocab_size * 4 / tensor + micro_rows * seq_len * seq_len
     if fsdp > 1:
-        workspace += (count.embedding + count.lm_head) * ACT_BYTES / tensor  # gathered embedding / head
-    logits = tokens * m.vocab_size * (ACT_BYTES + 4 + 4) / tensor + micro_rows * seq_len * seq_len
+        logits += (count.embedding + count.lm_head) * ACT_BYTES / tensor
 
     def state(bytes_per_param: int) -> float:
         return (count.total - routed) * bytes_per_param / shard + routed * bytes_per_param / expert_shard
 
+    # with accumulation the f32 running sum of the microbatch gradients sits beside the current microbatch's
+    grad_copies = 2 if grad_accum > 1 else 1
     return MemoryEstimate(
         remat=remat, data=data, fsdp=fsdp, tensor=tensor, expert=expert, grad_accum=grad_accum,
-        micro_rows=micro_rows, params=state(PARAM_BYTES), grads=state(PARAM_BYTES), optimizer=state(8),
-        workspace=workspace, activations=tokens * (m.n_layers * saved + working), logits=logits)
+        micro_rows=micro_rows, params=state(PARAM_BYTES), grads=grad_copies * state(PARAM_BYTES), optimizer=state(8),
+        workspace=workspace, activations=tokens * m.n_layers * saved, logits=logits, working=tokens * working)
 
 
 def estimate_for_config(cfg: Any, mesh_shape: dict[str, int]) -> MemoryEstimate:

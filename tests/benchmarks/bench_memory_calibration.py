@@ -22,9 +22,12 @@ from maxlm.compile.targets import parse_target  # noqa: E402
 from maxlm.config import load_config, resolve_config_path  # noqa: E402
 from maxlm.plan.memory import estimate_for_config  # noqa: E402
 
+# Small: one layer's saved tensors, its backward's working set, the logits and the state all weigh enough that a
+# wrong term shows (seq_len 512 so XLA attention's T x T buffers count, as they do at real lengths), and each
+# compile takes seconds. Large: ~1B parameters at seq_len 2048, where the attention buffers dominate.
 DENSE_SMALL = ["model.vocab_size=4096", "model.d_model=256", "model.n_layers=4", "model.n_heads=4",
-               "model.n_kv_heads=2", "model.ffn_dim=1024", "data.seq_len=256"]
-MOE_SMALL = DENSE_SMALL + ["model.ffn=moe", "model.num_experts=8", "model.experts_per_token=2", "model.ffn_dim=512"]
+               "model.n_kv_heads=2", "model.ffn_dim=768", "data.seq_len=512"]
+MOE_SMALL = DENSE_SMALL + ["model.ffn=moe", "model.num_experts=8", "model.experts_per_token=2", "model.ffn_dim=384"]
 DENSE_LARGE = ["model.vocab_size=32000", "model.d_model=2048", "model.n_layers=16", "model.n_heads=16",
                "model.n_kv_heads=8", "model.ffn_dim=5632", "data.seq_len=2048"]
 MOE_LARGE = DENSE_LARGE + ["model.ffn=moe", "model.num_experts=8", "model.experts_per_token=2", "model.ffn_dim=2048",

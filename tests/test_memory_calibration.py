@@ -1,0 +1,29 @@
+"""The planner's memory model (maxlm/plan/memory.py) against XLA's peak on the small calibration grid.
+
+Every point of tests/benchmarks/bench_memory_calibration.py's `small` grid (dense and MoE, remat none/dots/full,
+meshes fsdp8, d2f2t2 and e4f2) is compiled for a TPU v5e 2x4 slice from this CPU host, and
+`estimate_for_config` for exactly that config must be within 15% of XLA's peak bytes per device. The grid is the
+benchmark's own list (one source); `python tests/benchmarks/bench_memory_calibration.py large` runs the ~1B models.
+Needs libtpu (`maxlm[tpu-compile]`, which the test extra installs); skipped with the reason without it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from benchmarks.bench_memory_calibration import grid, measure
+
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+TOLERANCE = 0.15
+
+pytestmark = pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed: pip install 'maxlm[tpu-compile]'")
+
+
+@pytest.mark.parametrize("name,target,overrides", grid("small"), ids=[p[0] for p in grid("small")])
+def test_estimate_is_within_15_percent_of_xla_peak(name: str, target: str, overrides: list[str]) -> None:
+    r = measure(target, overrides)
+    assert abs(r["ratio"] - 1) <= TOLERANCE, (
+        f"{name} on {target}: estimate {r['estimate_bytes_per_device'] / 2**20:.1f} MiB vs XLA peak "
+        f"{r['xla_peak_bytes_per_device'] / 2**20:.1f} MiB (ratio {r['ratio']:.3f})")
