@@ -149,6 +149,7 @@ def activation_bytes_per_token(m: ModelConfig, moe: MoESpec | None, seq_len: int
     if moe is None:
         f_none = 6 * m.ffn_dim  # gate, up, silu's sigmoid, silu(gate), silu(gate) * up and its cast: 6 F-wide
         f_dots = 2 * m.ffn_dim  # gate and up are dot_generals: the `dots` policies keep them
+        f_recomputed = 0  # (already among the weight dots)
         dispatch = 0.0
         router = 0.0
     else:
@@ -156,6 +157,7 @@ def activation_bytes_per_token(m: ModelConfig, moe: MoESpec | None, seq_len: int
         rows = k * s if s > 1 else k  # rows per token the grouped SwiGLU runs on (padded exchange when s > 1)
         f_none = 6 * (m.moe_ffn_dim or m.ffn_dim) * rows
         f_dots = 0  # ragged_dot is not a dot_general: recomputed under `dots` / `dots_no_batch`
+        f_recomputed = 2 * (m.moe_ffn_dim or m.ffn_dim) * rows  # the experts' gate and up, recomputed
         # d_model-wide rows: gathered inputs and expert outputs (2k), + send/receive buffers of both exchanges
         dispatch = ACT_BYTES * d * (2 * k + (4 * s * k if s > 1 else 0))
         router = 4.0 * moe.num_experts  # f32 router logits
@@ -181,10 +183,16 @@ def activation_bytes_per_token(m: ModelConfig, moe: MoESpec | None, seq_len: int
         saved = ACT_BYTES * d  # the layer input (the scan carry)
     else:
         raise ValueError(f"unknown remat policy {remat!r}")
-    # the layer in flight recomputes what its policy did not save, and while its attention is differentiated holds
-    # the f32 gradients of the probabilities and of the scores and the bf16 cast of the latter
-    grad_scores = 0.0 if flash else 10.0 * H * T / t
-    working = max(none - saved, 0.0) + grad_scores
+    # The layer in flight. With its tensors saved (none) or its dots saved (dots), it recomputes the rest and its
+    # attention backward holds the f32 gradients of the probabilities and of the scores and the bf16 cast of the
+    # latter (10 bytes per score). Recomputing the whole layer (full, dots_no_batch), XLA fuses the elementwise
+    # work and the softmax gradient into the matmuls: the recomputed matmul outputs and the probabilities in f32
+    # and bf16 (6 bytes per score) are what is live.
+    if remat in ("none", "dots"):
+        working = max(none - saved, 0.0) + (0.0 if flash else 10.0 * H * T / t)
+    else:
+        # (in MoE layers the recomputed matmuls include the experts' gate and up rows and the exchange buffers)
+        working = weight_dots + ACT_BYTES * (q + f_recomputed) / t + dispatch + scores_none + stats
     return saved, working
 
 
