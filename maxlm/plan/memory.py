@@ -14,8 +14,7 @@ What is counted (bytes per chip; maxlm's defaults: f32 parameters, AdamW, bf16 c
 - a layer workspace: the bf16 copy of one layer's weights (two when fsdp > 1: the all-gathered current layer and
   the prefetched next one) plus that layer's f32 weight gradients before they are reduce-scattered; of an MoE
   layer's experts only the E / expert local ones are gathered (moe.py's shard_map takes them as P(exp, None, mlp));
-  the whole (sharded) layer stack cast to bf16 once before the layer scan; with fsdp > 1 the gathered bf16
-  embedding table and LM head;
+  the whole (sharded) layer stack cast to bf16 once before the layer scan;
 - with `train.grad_accum` > 1, a second f32 gradient: the running sum beside the current microbatch's;
 - activations saved for the backward pass, per token per layer, as XLA's buffer assignment of the compiled step
   shows them in the layer scan's residual stacks (maxlm's block: RMSNorm computed in f32, GQA attention, SwiGLU;
@@ -29,10 +28,13 @@ What is counted (bytes per chip; maxlm's defaults: f32 parameters, AdamW, bf16 c
                   XLA attention its QK^T logits (f32: the dot accumulates in f32) and AV output;
     dots_no_batch weight-matmul outputs only (checkpoint_dots_with_no_batch_dims): attention dots are recomputed;
     full          only each layer's input (the scan carry);
-  plus the working set of the one layer being differentiated: what its policy did not save, recomputed, and with
-  XLA attention the f32 gradients of the probabilities and scores and the bf16 cast of the latter (10 bytes per
-  score). Tensors with a heads/mlp dimension are split over `tensor`; d_model-wide ones are replicated over it
-  (maxlm has no sequence parallelism);
+  plus the working set of the one layer being differentiated. Under none and dots: what the policy did not save,
+  recomputed, and with XLA attention the f32 gradients of the probabilities and scores and the bf16 cast of the
+  latter (10 bytes per score). Under full and dots_no_batch, where the whole layer is recomputed inside one
+  computation, XLA fuses the elementwise work and the softmax gradient into the matmuls: live are the recomputed
+  matmul outputs (q, k, v, AV, o, gate, up, down; in MoE layers the experts' rows and exchange buffers) and the
+  probabilities in f32 and bf16 (6 bytes per score). Tensors with a heads/mlp dimension are split over `tensor`;
+  d_model-wide ones are replicated over it (maxlm has no sequence parallelism);
 - MoE layers (the planner writes dropless configs: `model.capacity_factor` 0): each token's K experts run the
   SwiGLU on K rows, plus the d_model-wide rows gathered for them and their outputs before the combine (2K rows).
   With expert parallelism over S = `expert` shards, maxlm's dropless all-to-all pads every chunk to the worst
@@ -45,7 +47,9 @@ What is counted (bytes per chip; maxlm's defaults: f32 parameters, AdamW, bf16 c
   recomputed like the rest (only `none` keeps them for every layer);
 - the logits: one f32 [rows, T, V] buffer (vocab split over tensor): XLA fuses the log-softmax and its gradient
   into the LM head's matmuls, so the logits or their gradient are live, not both; and the boolean document mask
-  [rows, 1, T, T].
+  [rows, 1, T, T]. They are live while the loss and the LM head are differentiated, before the layer scan's
+  backward starts, so the peak is the state and the saved activations plus the larger of (logits, gathered
+  embedding and head) and (gathered layer, layer working set): `MemoryEstimate.total`.
 
 The terms were checked against XLA's peak on the grid of tests/benchmarks/bench_memory_calibration.py (dense and
 MoE, remat none/dots/full, several meshes, TPU and GPU targets; tests/test_memory_calibration.py keeps the small
@@ -138,10 +142,9 @@ def activation_bytes_per_token(m: ModelConfig, moe: MoESpec | None, seq_len: int
     """(saved per layer, working set of the one layer in flight), bytes per token on one chip.
 
     The saved tensors are those XLA keeps in the scan's residual stacks (read from the buffer assignment of
-    `maxlm compile`'s train step; see the module docstring for the list per policy). The working set is the layer
-    being differentiated: everything its backward reads (its `none` set, recomputed or saved) plus, with XLA
-    attention, the f32 gradients of the probabilities and scores. `expert` is the expert-parallel size S: with
-    S > 1 the dropless exchange pads to S x K rows per token (see the module docstring), which only MoE layers pay.
+    `maxlm compile`'s train step; see the module docstring for the list per policy). The working set is what the
+    layer being differentiated holds beyond them (see below). `expert` is the expert-parallel size S: with S > 1
+    the dropless exchange pads to S x K rows per token (see the module docstring), which only MoE layers pay.
     """
     d, t, T, H = m.d_model, tensor, seq_len, m.n_heads
     hd = m.head_dim_resolved

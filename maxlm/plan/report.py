@@ -75,7 +75,8 @@ def render(plan: Plan) -> str:
                      f"({e.micro_rows} rows per chip per microbatch)"))
         add(("params / grads / Adam", f"{gb(e.params)} / {gb(e.grads)} / {gb(e.optimizer)}"))
         add(("layer workspace", gb(e.workspace)))
-        add(("activations / logits", f"{gb(e.activations)} / {gb(e.logits)}"))
+        add(("saved activations", gb(e.activations)))
+        add(("then the larger of", f"logits {gb(e.logits)} | layer in flight {gb(e.working)} + workspace"))
         verdict = "fits" if plan.mesh.fits else "DOES NOT FIT"
         add(("total", f"{gb(e.total)} of {gb(plan.mesh.usable_bytes)} usable "
                       f"({USABLE_HBM_FRACTION:.0%} of {gb(plan.mesh.hbm_bytes)}): {verdict}"))

@@ -64,7 +64,7 @@ def check_memory(cfg: Config, shape: dict[str, int], hbm_from_table: float | Non
     capacity, source = device_memory_bytes(hbm_from_table)
     if est.total <= OBVIOUS_FACTOR * capacity:
         return
-    terms = {"activations": est.activations, "logits and attention mask": est.logits,
+    terms = {"activations": est.activations + est.working, "logits and attention mask": est.logits,
              "parameters, gradients and optimizer state": est.params + est.grads + est.optimizer,
              "layer workspace": est.workspace}
     largest = max(terms, key=terms.get)
