@@ -153,7 +153,7 @@ def activation_bytes_per_token(m: ModelConfig, moe: MoESpec | None, seq_len: int
         f_none = 6 * m.ffn_dim  # gate, up, silu's sigmoid, silu(gate), silu(gate) * up and its cast: 6 F-wide
         f_dots = 2 * m.ffn_dim  # gate and up are dot_generals: the `dots` policies keep them
         f_recomputed = 0  # (already among the weight dots)
-        dispatch = 0.0
+        dispatch = dispatch_saved = 0.0
         router = 0.0
     else:
         k, s = moe.experts_per_token, expert
@@ -161,8 +161,11 @@ def activation_bytes_per_token(m: ModelConfig, moe: MoESpec | None, seq_len: int
         f_none = 6 * (m.moe_ffn_dim or m.ffn_dim) * rows
         f_dots = 0  # ragged_dot is not a dot_general: recomputed under `dots` / `dots_no_batch`
         f_recomputed = 2 * (m.moe_ffn_dim or m.ffn_dim) * rows  # the experts' gate and up, recomputed
-        # d_model-wide rows: gathered inputs and expert outputs (2k), + send/receive buffers of both exchanges
+        # in flight: d_model-wide rows gathered for the experts and their outputs (2k), + the send/receive buffers
+        # of both exchanges; saved (none): the rows the grouped matmuls read (bf16), each assignment's output in
+        # f32 before the weighted combine, and with s > 1 the boolean padding mask of the send buffer
         dispatch = ACT_BYTES * d * (2 * k + (4 * s * k if s > 1 else 0))
+        dispatch_saved = d * (ACT_BYTES * rows + 4 * k + (rows if s > 1 else 0))
         router = 4.0 * moe.num_experts  # f32 router logits
     # XLA attention keeps its probabilities in f32 and bf16 (6 bytes per score) and the softmax max and sum (f32);
     # cuDNN's flash kernel keeps only its output (counted with q) and a f32 log-sum-exp per head.
@@ -172,7 +175,7 @@ def activation_bytes_per_token(m: ModelConfig, moe: MoESpec | None, seq_len: int
     # none: both RMSNorms' f32 input and normalised value (4 d-wide f32) and their bf16 outputs (2 d-wide); q after
     # RoPE and the attention output (2 q-wide), k and v; the SwiGLU's F-wide tensors; the softmax
     none = (4 * 4 * d + ACT_BYTES * (2 * d + (2 * q + kv + f_none) / t) + qk_normed + scores_none + stats + router
-            + dispatch)
+            + dispatch_saved)
     # the weight-matmul outputs: q, k, v, the o and down projections (2 d-wide), gate and up
     weight_dots = ACT_BYTES * (2 * d + (q + kv + f_dots) / t) + router
     if remat == "none":
