@@ -76,7 +76,8 @@ def render(plan: Plan) -> str:
         add(("params / grads / Adam", f"{gb(e.params)} / {gb(e.grads)} / {gb(e.optimizer)}"))
         add(("layer workspace", gb(e.workspace)))
         add(("saved activations", gb(e.activations)))
-        add(("then the larger of", f"logits {gb(e.logits)} | layer in flight {gb(e.working)} + workspace"))
+        add(("logits / layer in flight", f"{gb(e.logits)} / {gb(e.working)} (the peak counts the larger of the "
+                                         "logits and workspace + layer in flight)"))
         verdict = "fits" if plan.mesh.fits else "DOES NOT FIT"
         add(("total", f"{gb(e.total)} of {gb(plan.mesh.usable_bytes)} usable "
                       f"({USABLE_HBM_FRACTION:.0%} of {gb(plan.mesh.hbm_bytes)}): {verdict}"))
