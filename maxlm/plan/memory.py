@@ -28,9 +28,10 @@ What is counted (bytes per chip; maxlm's defaults: f32 parameters, AdamW, bf16 c
                   XLA attention its QK^T logits (f32: the dot accumulates in f32) and AV output;
     dots_no_batch weight-matmul outputs only (checkpoint_dots_with_no_batch_dims): attention dots are recomputed;
     full          only each layer's input (the scan carry);
-  plus the working set of the one layer being differentiated. Under none and dots: what the policy did not save,
-  recomputed, and with XLA attention the f32 gradients of the probabilities and scores and the bf16 cast of the
-  latter (10 bytes per score). Under full and dots_no_batch, where the whole layer is recomputed inside one
+  plus the working set of the one layer being differentiated. Under none, with XLA attention, the f32 gradient of
+  the probabilities (4 bytes per score; the softmax gradient itself is fused into the dQ/dK matmuls). Under dots:
+  what the policy did not save, recomputed (the probabilities among them, in f32 and bf16) beside that gradient
+  (10 bytes per score). Under full and dots_no_batch, where the whole layer is recomputed inside one
   computation, XLA fuses the elementwise work and the softmax gradient into the matmuls: live are the recomputed
   matmul outputs (q, k, v, AV, o, gate, up, down; in MoE layers the experts' rows and exchange buffers) and the
   probabilities in f32 and bf16 (6 bytes per score). Tensors with a heads/mlp dimension are split over `tensor`;
@@ -189,12 +190,15 @@ def activation_bytes_per_token(m: ModelConfig, moe: MoESpec | None, seq_len: int
         saved = ACT_BYTES * d  # the layer input (the scan carry)
     else:
         raise ValueError(f"unknown remat policy {remat!r}")
-    # The layer in flight. With its tensors saved (none) or its dots saved (dots), it recomputes the rest and its
-    # attention backward holds the f32 gradients of the probabilities and of the scores and the bf16 cast of the
-    # latter (10 bytes per score). Recomputing the whole layer (full, dots_no_batch), XLA fuses the elementwise
-    # work and the softmax gradient into the matmuls: the recomputed matmul outputs and the probabilities in f32
-    # and bf16 (6 bytes per score) are what is live.
-    if remat in ("none", "dots"):
+    # The layer in flight (XLA attention; cuDNN's kernel keeps no T x T buffer). With every tensor saved (none)
+    # its attention backward adds the f32 gradient of the probabilities, dP (XLA fuses dS = P (dP - rowsum(dP P))
+    # into the dQ/dK matmuls). With its dots saved (dots) it recomputes the rest, the probabilities among them
+    # (f32 and bf16, from the saved f32 QK^T), beside dP: 10 bytes per score. Recomputing the whole layer (full,
+    # dots_no_batch), XLA fuses the elementwise work into the matmuls: the recomputed matmul outputs and the
+    # probabilities in f32 and bf16 (6 bytes per score) are what is live.
+    if remat == "none":  # the saved probabilities are read in place; only the f32 gradient dP is new
+        working = 0.0 if flash else 4.0 * H * T / t
+    elif remat == "dots":  # the probabilities recomputed from the saved f32 QK^T (f32 and bf16) and dP
         working = max(none - saved, 0.0) + (0.0 if flash else 10.0 * H * T / t)
     else:
         # (in MoE layers the recomputed matmuls include the experts' gate and up rows and the exchange buffers)

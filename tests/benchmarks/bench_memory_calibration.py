@@ -42,7 +42,7 @@ def grid(size: str, target: str = "") -> list[tuple[str, str, list[str]]]:
     """(name, target, overrides) of every point (8-device targets: the meshes below multiply to 8)."""
     dense, moe = (DENSE_SMALL, MOE_SMALL) if size == "small" else (DENSE_LARGE, MOE_LARGE)
     rows = ["train.global_batch_size=16"] if size == "small" else ["train.global_batch_size=32"]
-    target = target or ("tpu-v5e:2x4" if size == "small" else "tpu-v5p:2x2x2")
+    target = target or ("tpu-v4:2x2x2" if size == "small" else "tpu-v5p:2x2x2")
     points = []
     for remat in ("none", "dots", "full"):
         for mesh in ("fsdp8", "d2f2t2"):
