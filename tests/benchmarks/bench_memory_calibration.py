@@ -1,10 +1,11 @@
-"""The planner's memory model (maxlm/plan/memory.py) against XLA's peak, compiled for TPU targets from this host.
+"""The planner's memory model (maxlm/plan/memory.py) against XLA's peak, compiled for TPU (or GPU) targets here.
 
     python tests/benchmarks/bench_memory_calibration.py [small|large] [--target=h100x8] [--json]
 
 Each point compiles the real train step (`maxlm compile`) and sets XLA's peak bytes per device beside
 `estimate_for_config` for exactly that config; the model is calibrated when every ratio is within 15%.
-`small` is the grid tests/test_memory_calibration.py keeps; `large` uses ~1B-parameter models (10-30 s a compile).
+`small` (tpu-v4:2x2x2) is the grid tests/test_memory_calibration.py keeps; `large` (tpu-v5p:2x2x2) uses ~1B-parameter
+models (2-4 min a compile on a loaded 2-core host). `--target=h100x8` compiles the same points for 8 H100s.
 Needs libtpu (`pip install 'maxlm[tpu-compile]'`).
 """
 
