@@ -54,20 +54,26 @@ def grid(size: str, target: str = "") -> list[tuple[str, str, list[str]]]:
     return points
 
 
-def measure(target: str, overrides: list[str]) -> dict[str, float]:
-    cfg = load_config(resolve_config_path("tiny"), overrides)
+def measure(target: str, overrides: list[str], config: str = "tiny") -> dict[str, float]:
+    """XLA's peak and the estimate for `config` (a preset or YAML) with `overrides`, compiled for `target`."""
+    cfg = load_config(resolve_config_path(config), overrides)
     report = compile_for_target(cfg, target)
     est = estimate_for_config(for_target(cfg, parse_target(target)), report["mesh"]).total
     peak = report["peak_bytes_per_device"]
     return {"xla_peak_bytes_per_device": peak, "estimate_bytes_per_device": est, "ratio": est / peak,
             "compile_s": report["compile_s"], "argument": report["argument_bytes_per_device"],
             "temp": report["temp_bytes_per_device"], "output": report["output_bytes_per_device"],
-            "alias": report["alias_bytes_per_device"]}
+            "alias": report["alias_bytes_per_device"], "mesh": report["mesh"]}
 
 
 def main(argv: list[str]) -> int:
+    """`small` / `large`: the grid; `preset NAME key=value ... --target=T`: one preset (the closing table)."""
     size = argv[0] if argv and not argv[0].startswith("-") else "small"
     target = next((a.split("=", 1)[1] for a in argv if a.startswith("--target=")), "")
+    if size == "preset":
+        r = measure(target, [a for a in argv[2:] if "=" in a and not a.startswith("--")], argv[1])
+        print(json.dumps(r | {"point": argv[1], "target": target}))
+        return 0
     rows = []
     for name, target, overrides in grid(size, target):
         r = measure(target, overrides) | {"point": name, "target": target}
