@@ -23,7 +23,7 @@ def verify_plan(plan: Any, run_dir: str | None) -> dict[str, Any]:
     target = target_for(plan.hardware.name, plan.request.chips)
     report = compile_for_target(cfg, target)
     peak = report["peak_bytes_per_device"]
-    est = estimate_for_config(for_target(cfg, parse_target(target)), report["mesh"]).total
+    est = estimate_for_config(for_target(cfg, parse_target(target)), report["mesh"], report["platform"]).total
     ratio = est / peak
     return {"target": report["target"], "mesh": report["mesh"], "xla_peak_bytes_per_device": peak,
             "estimate_bytes_per_device": est, "ratio": ratio, "within_tolerance": abs(ratio - 1) <= VERIFY_TOLERANCE,

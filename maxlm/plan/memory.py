@@ -208,9 +208,10 @@ def activation_bytes_per_token(m: ModelConfig, moe: MoESpec | None, seq_len: int
 
 def estimate_memory(m: ModelConfig, moe: MoESpec | None, count: ParamCount, seq_len: int, *, micro_rows: int,
                     data: int, fsdp: int, tensor: int, grad_accum: int, remat: str, flash: bool,
-                    expert: int = 1) -> MemoryEstimate:
+                    expert: int = 1, platform: str = "tpu") -> MemoryEstimate:
     """Bytes per chip on a data x fsdp x tensor x expert mesh; `micro_rows` rows per chip (per rank of
-    data x fsdp x expert, the axes of `act_batch`) per microbatch. `expert` splits only the routed experts."""
+    data x fsdp x expert, the axes of `act_batch`) per microbatch. `expert` splits only the routed experts.
+    `platform` "cuda": XLA:GPU materialises the f32 logits and their gradient as two buffers (TPU fuses them)."""
     routed, routed_per_layer = routed_expert_params(m) if moe is not None else (0, 0)
     shard = fsdp * tensor  # dense weights
     expert_shard = expert * fsdp * tensor  # routed experts: ("exp", "embed", "mlp") -> (expert, fsdp, tensor)
@@ -223,7 +224,8 @@ def estimate_memory(m: ModelConfig, moe: MoESpec | None, count: ParamCount, seq_
     workspace += layer_stack * ACT_BYTES / shard  # the whole layer stack cast to bf16 once, before the scan
     # one [rows, T, V] f32 buffer (the logits or their gradient: XLA fuses the log-softmax into its consumers) and
     # the boolean document mask [rows, 1, T, T]; with fsdp > 1 the gathered bf16 embedding table and LM head
-    logits = tokens * m.vocab_size * 4 / tensor + micro_rows * seq_len * seq_len
+    logits_buffers = 2 if platform == "cuda" else 1
+    logits = logits_buffers * tokens * m.vocab_size * 4 / tensor + micro_rows * seq_len * seq_len
     if fsdp > 1:
         logits += (count.embedding + count.lm_head) * ACT_BYTES / tensor
 
@@ -238,7 +240,7 @@ def estimate_memory(m: ModelConfig, moe: MoESpec | None, count: ParamCount, seq_
         workspace=workspace, activations=tokens * m.n_layers * saved, logits=logits, working=tokens * working)
 
 
-def estimate_for_config(cfg: Any, mesh_shape: dict[str, int]) -> MemoryEstimate:
+def estimate_for_config(cfg: Any, mesh_shape: dict[str, int], platform: str = "tpu") -> MemoryEstimate:
     """The estimate for a maxlm Config on a resolved mesh (what `maxlm compile` and `maxlm plan --verify` set
     beside XLA's peak). Flash attention is assumed only where the config's attention is cuDNN."""
     from maxlm.flops import count_params
@@ -249,7 +251,8 @@ def estimate_for_config(cfg: Any, mesh_shape: dict[str, int]) -> MemoryEstimate:
     return estimate_memory(m, moe, count_params(m), cfg.data.seq_len,
                            micro_rows=max(1, cfg.micro_batch_size // batch_ranks), data=mesh_shape["data"],
                            fsdp=mesh_shape["fsdp"], tensor=mesh_shape["tensor"], grad_accum=cfg.train.grad_accum,
-                           remat=m.remat, flash=m.attention == "cudnn", expert=mesh_shape["expert"])
+                           remat=m.remat, flash=m.attention == "cudnn", expert=mesh_shape["expert"],
+                           platform=platform)
 
 
 def _divisors(n: int) -> list[int]:
@@ -283,7 +286,8 @@ def mesh_candidates(m: ModelConfig, chips: int, num_experts: int = 1) -> list[tu
 
 
 def choose_mesh(m: ModelConfig, moe: MoESpec | None, count: ParamCount, seq_len: int, *, global_rows: int,
-                chips: int, hbm_bytes: float, remat: str = "full", flash: bool = True) -> MeshChoice:
+                chips: int, hbm_bytes: float, remat: str = "full", flash: bool = True,
+                platform: str = "cuda") -> MeshChoice:
     """The smallest expert x fsdp x tensor mesh (the rest of the chips go to `data`) whose step fits in HBM.
 
     Order of preference: no gradient accumulation before accumulation; with `remat="auto"`, the policy with the
@@ -305,7 +309,8 @@ def choose_mesh(m: ModelConfig, moe: MoESpec | None, count: ParamCount, seq_len:
         if global_rows % (dp * accum):
             return None
         return estimate_memory(m, moe, count, seq_len, micro_rows=global_rows // (dp * accum), data=dp // (f * e),
-                               fsdp=f, tensor=t, expert=e, grad_accum=accum, remat=policy, flash=flash)
+                               fsdp=f, tensor=t, expert=e, grad_accum=accum, remat=policy, flash=flash,
+                               platform=platform)
 
     frugal: MemoryEstimate | None = None
 
@@ -331,5 +336,5 @@ def choose_mesh(m: ModelConfig, moe: MoESpec | None, count: ParamCount, seq_len:
     if frugal is None:  # no mesh divides the batch: report the most sharded one with one row per rank
         e, f, t = max(meshes, key=lambda eft: (eft[0] * eft[1] * eft[2], eft[1]))
         frugal = estimate_memory(m, moe, count, seq_len, micro_rows=1, data=chips // (e * f * t), fsdp=f, tensor=t,
-                                 expert=e, grad_accum=1, remat=last, flash=flash)
+                                 expert=e, grad_accum=1, remat=last, flash=flash, platform=platform)
     return MeshChoice(frugal, False, hbm_bytes)

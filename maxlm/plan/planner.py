@@ -213,7 +213,8 @@ def make_plan(req: PlanRequest) -> Plan:
     mesh = None
     if hw is not None:
         mesh = choose_mesh(m, shape.moe, shape.count, req.seq_len, global_rows=rows, chips=req.chips or 1,
-                           hbm_bytes=hw.hbm_bytes, remat=req.remat, flash=not hw.name.startswith("tpu"))
+                           hbm_bytes=hw.hbm_bytes, remat=req.remat, flash=not hw.name.startswith("tpu"),
+                           platform="tpu" if hw.name.startswith("tpu") else "cuda")
         if not mesh.fits:
             e = mesh.estimate
             axes = f"expert x fsdp x tensor = {e.expert * e.fsdp * e.tensor}" if shape.moe else \

@@ -58,7 +58,8 @@ def check_memory(cfg: Config, shape: dict[str, int], hbm_from_table: float | Non
     rows = max(1, cfg.micro_batch_size // _batch_parallel(cfg, shape))
     est = estimate_memory(m, moe, count_params(m), cfg.data.seq_len, micro_rows=rows, data=shape["data"],
                           fsdp=shape["fsdp"], tensor=shape["tensor"], expert=shape["expert"],
-                          grad_accum=cfg.train.grad_accum, remat=m.remat, flash=flash)
+                          grad_accum=cfg.train.grad_accum, remat=m.remat, flash=flash,
+                          platform="cuda" if jax.default_backend() == "gpu" else "tpu")
     if cfg.lora.enabled:
         est = lora_estimate(cfg, est, count_params(m))
     capacity, source = device_memory_bytes(hbm_from_table)

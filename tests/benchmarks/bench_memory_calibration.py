@@ -58,7 +58,7 @@ def measure(target: str, overrides: list[str], config: str = "tiny") -> dict[str
     """XLA's peak and the estimate for `config` (a preset or YAML) with `overrides`, compiled for `target`."""
     cfg = load_config(resolve_config_path(config), overrides)
     report = compile_for_target(cfg, target)
-    est = estimate_for_config(for_target(cfg, parse_target(target)), report["mesh"]).total
+    est = estimate_for_config(for_target(cfg, parse_target(target)), report["mesh"], report["platform"]).total
     peak = report["peak_bytes_per_device"]
     return {"xla_peak_bytes_per_device": peak, "estimate_bytes_per_device": est, "ratio": est / peak,
             "compile_s": report["compile_s"], "argument": report["argument_bytes_per_device"],
