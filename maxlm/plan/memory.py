@@ -234,10 +234,22 @@ def estimate_memory(m: ModelConfig, moe: MoESpec | None, count: ParamCount, seq_
 
     # with accumulation the f32 running sum of the microbatch gradients sits beside the current microbatch's
     grad_copies = 2 if grad_accum > 1 else 1
+    blocked = 0.0
+    if moe is not None and platform == "cuda":
+        # maxlm's GPU grouped matmul (`blocked`, maxlm/model/grouped_matmul.py) runs each block of rows against its
+        # own gathered [D, F] weight copy (bf16) and, in the backward, forms each block's f32 weight gradient
+        # before summing them per expert: N x D x F x (2 + 4) bytes for the matmul in flight, N = ceil(M / Q) + L
+        # blocks for M local rows and L local experts (Q as `block_rows`: ~a quarter of an even group, 16..1024)
+        s_ = expert if expert > 1 else 1
+        rows, local = micro_rows * seq_len * moe.experts_per_token * s_, max(moe.num_experts // s_, 1)
+        q_rows = int(min(1024, max(16, 1 << (max(rows // (4 * local), 1).bit_length() - 1))))
+        blocks = -(-rows // q_rows) + local
+        blocked = blocks * m.d_model * (m.moe_ffn_dim or m.ffn_dim) / tensor * (ACT_BYTES + 4)
+
     return MemoryEstimate(
         remat=remat, data=data, fsdp=fsdp, tensor=tensor, expert=expert, grad_accum=grad_accum,
         micro_rows=micro_rows, params=state(PARAM_BYTES), grads=grad_copies * state(PARAM_BYTES), optimizer=state(8),
-        workspace=workspace, activations=tokens * m.n_layers * saved, logits=logits, working=tokens * working)
+        workspace=workspace, activations=tokens * m.n_layers * saved, logits=logits, working=tokens * working + blocked)
 
 
 def estimate_for_config(cfg: Any, mesh_shape: dict[str, int], platform: str = "tpu") -> MemoryEstimate:
