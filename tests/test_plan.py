@@ -210,8 +210,11 @@ def test_mesh_choice_fits_validates_and_warns() -> None:
     assert smaller.estimate == e
     huge = make_plan(PlanRequest(compute=1e25, hardware="h100", chips=1))
     assert not huge.mesh.fits and any("nothing fits" in n for n in huge.notes)
-    auto = make_plan(PlanRequest(compute=1e19, hardware="h100", chips=8, remat="auto"))
+    auto = make_plan(PlanRequest(compute=3e18, hardware="h100", chips=8, remat="auto"))
     assert auto.mesh.fits and auto.mesh.estimate.remat == "none"
+    # at 1e19, `none` (15 rows x 4096 per chip; on GPUs the f32 logits and their gradient are two buffers) exceeds
+    # the 72 GB usable: auto falls back to the next policy
+    assert make_plan(PlanRequest(compute=1e19, hardware="h100", chips=8, remat="auto")).mesh.estimate.remat == "dots"
 
 
 def test_moe_memory_splits_routed_experts_over_expert() -> None:
@@ -387,8 +390,9 @@ def test_cli_plan_json_and_table(capsys) -> None:
 
 def test_cli_write_config_moe_places_experts_on_the_expert_axis(tmp_path, capsys) -> None:
     """`--moe 8,2 --write-config` on 64 H100s: 9.9B parameters (9.3B of them routed experts) need 16 x 9.9B bytes
-    of f32 state + Adam unsharded, so the mesh must shard; at the least sharding that fits (4) the experts go on
-    `expert` first. The YAML loads and validates on 64 devices with the planned count and mesh."""
+    of f32 state + Adam unsharded, so the mesh must shard. At 4-way sharding expert=4 comes first, but its padded
+    dropless exchange (4 x 2 rows per token through the recomputed experts, 8 rows x 4096 per chip) does not fit,
+    so the plan takes fsdp=4. The YAML loads and validates on 64 devices with the planned count and mesh."""
     path = str(tmp_path / "moe.yml")
     argv = ["--compute", "1e21", "--moe", "8,2", "--hardware", "h100", "--chips", "64"]
     assert main(argv + ["--write-config", path, "--json"]) == 0
@@ -398,7 +402,12 @@ def test_cli_write_config_moe_places_experts_on_the_expert_axis(tmp_path, capsys
     shape = validate(cfg, 64)
     m = cfg.model
     assert m.ffn == "moe" and m.num_experts == 8 and m.experts_per_token == 2 and m.capacity_factor == 0
-    assert 1 < cfg.mesh.expert and 8 % cfg.mesh.expert == 0 and shape["expert"] == cfg.mesh.expert
+    assert 8 % cfg.mesh.expert == 0 and shape["expert"] == cfg.mesh.expert
+    e = plan.mesh.estimate
+    assert e.expert * e.fsdp * e.tensor == 4
+    over = estimate_memory(m, plan.shape.moe, plan.shape.count, 4096, micro_rows=e.micro_rows, data=16, fsdp=1,
+                           tensor=1, expert=4, grad_accum=e.grad_accum, remat=e.remat, flash=True, platform="cuda")
+    assert over.total > plan.mesh.usable_bytes >= e.total
     e = plan.mesh.estimate
     assert plan.mesh.fits and (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.expert) == (
         e.data, e.fsdp, e.tensor, e.expert)
