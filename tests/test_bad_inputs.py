@@ -90,7 +90,7 @@ CASES = {  # name: (argv built from tmp_path and a_file, the text the line must 
     "negative weight decay": (lambda t, f: ["train", "tiny", "optim.weight_decay=-0.1"],
                               "optim.weight_decay=-0.1 must be >= 0"),
     "memory it obviously cannot fit": (lambda t, f: ["train", "tiny", f"run_dir={t}/run", "data.seq_len=100000"],
-                                       "GB per device (activations: "),
+                                       "TB per device (activations: "),
     "bench that cannot fit": (lambda t, f: ["bench", "tiny", "data.seq_len=100000"], "lower data.seq_len"),
     "plan fit on NaN runs": (lambda t, f: ["plan", "fit", str(_nan_runs(t, 5)), "--bootstrap", "0"],
                              "needs at least 5 runs with a finite loss, got 0 (5 of 5 have a NaN/Inf final loss)"),
