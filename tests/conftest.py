@@ -21,9 +21,9 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # collection order and idle workers take the tail of the others' shares. The files holding end-to-end runs (largest
 # first, as measured) are collected first, so they start at once and the light files fill the gaps at the end.
 HEAVY_FIRST = ("test_stdlib.py", "test_dpo.py", "test_launch_local.py", "test_train.py", "test_lora_preference.py",
-               "test_moe.py", "test_lora.py", "test_checkpoint.py", "test_lora_moe.py", "test_eval.py",
-               "test_generate.py", "test_sft_train.py", "test_data_cli.py", "test_cli.py", "test_lora_peft.py",
-               "test_bad_inputs.py", "test_reward.py", "test_convert_mixtral.py", "test_model.py")
+               "test_moe.py", "test_memory_calibration.py", "test_lora.py", "test_checkpoint.py", "test_lora_moe.py",
+               "test_eval.py", "test_generate.py", "test_sft_train.py", "test_data_cli.py", "test_cli.py",
+               "test_lora_peft.py", "test_bad_inputs.py", "test_reward.py", "test_convert_mixtral.py", "test_model.py")
 
 
 def pytest_collection_modifyitems(config, items) -> None:
