@@ -5,6 +5,7 @@ that compile the same tiny step reuse one executable.
 """
 
 import os
+import shutil
 import tempfile
 
 # The suite compiles hundreds of tiny programs whose run time is negligible: LLVM's optimisation level 0 (and none of
@@ -13,7 +14,12 @@ COMPILE_FAST = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 "
                            + COMPILE_FAST).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="maxlm-test-xla-cache-"))
+# Made once, by the process that starts the session (pytest-xdist's workers and the CLI subprocesses inherit it),
+# and removed when that session ends.
+OWN_CACHE_DIR = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    OWN_CACHE_DIR = tempfile.mkdtemp(prefix="maxlm-test-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = OWN_CACHE_DIR
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
@@ -29,3 +35,8 @@ HEAVY_FIRST = ("test_stdlib.py", "test_dpo.py", "test_launch_local.py", "test_tr
 def pytest_collection_modifyitems(config, items) -> None:
     rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(HEAVY_FIRST)))
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    if OWN_CACHE_DIR is not None and not hasattr(session.config, "workerinput"):
+        shutil.rmtree(OWN_CACHE_DIR, ignore_errors=True)
